@@ -1,0 +1,139 @@
+"""The Engine interface and the plain data it exchanges.
+
+Requests and results are dataclasses of JSON-able fields plus numpy arrays, so the same
+objects travel in-process (LocalEngine) and over HTTP (RemoteEngine: JSON + npz/PNG, never
+pickle). Coordinates are level-0 pixels of the source slide; placements are micrometres.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from ..progress import CancelToken, ProgressCallback
+
+
+@dataclass
+class EngineInfo:
+    device: str
+    model_name: str
+    model_path: str
+    targets: list[dict[str, Any]]  # catalogue entries: name, kind ("rgb"|"marker"), colormap, ...
+    tile_size: int
+    mpp: float
+    model_card: str = ""
+    remote: bool = False
+
+
+@dataclass
+class TranslateRequest:
+    slide_path: str
+    stains: list[str]
+    # Either a box (x, y, width, height) or a polygon [(x, y), ...], level-0 pixels.
+    box: Optional[tuple[int, int, int, int]] = None
+    polygon: Optional[list[tuple[float, float]]] = None
+    steps: int = 1
+    guidance: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    slide_mpp: Optional[float] = None  # user override when the file has no mpp
+    render_brightfield: bool = True  # also render marker maps as a DAB-on-hematoxylin IHC image
+    output_path: Optional[str] = None  # OME-Zarr written here when given (never overwritten)
+
+
+@dataclass
+class StainLayer:
+    """One result layer, placed over the source slide in micrometres."""
+
+    name: str
+    kind: str  # "rgb" (H, W, 3) uint8 or "marker" (H, W) float32 in [0, 1]
+    data: np.ndarray
+    scale_um: tuple[float, float]  # (y, x) micrometres per pixel
+    translate_um: tuple[float, float]  # (y, x) micrometres of the top-left pixel's origin
+    colormap: str = "gray"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TranslateResult:
+    layers: list[StainLayer]
+    output_path: Optional[str] = None
+    n_tiles: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class GenerateRequest:
+    text: Optional[str] = None
+    rna: Optional[dict[str, float]] = None  # gene symbol -> value
+    rna_normalized: bool = False  # False: raw counts, CPM + log1p applied
+    reference: Optional[np.ndarray] = None  # (H, W, 3) uint8 H&E tile for the reference stream
+    stain: str = "H&E"
+    num_images: int = 4
+    steps: int = 20
+    guidance: dict[str, float] = field(default_factory=dict)  # modality -> CFG scale
+    seed: int = 0
+
+
+@dataclass
+class GenerateResult:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    missing_genes: list[str] = field(default_factory=list)
+    used_genes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class FinetuneRequest:
+    data_dir: str
+    output_dir: str
+    base_model: Optional[str] = None  # None: the engine's current model
+    method: str = "lora"  # "lora" or "full"
+    steps: int = 200
+    learning_rate: float = 1e-4
+    batch_size: int = 4
+    seed: int = 0
+
+
+@dataclass
+class JobStatus:
+    job_id: str
+    state: str  # "queued" | "running" | "done" | "failed" | "cancelled"
+    step: int = 0
+    total: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)  # e.g. [{"step": 1, "loss": .3}]
+    message: str = ""
+    result_path: Optional[str] = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the plugin, CLI and server call. Local and remote engines behave identically."""
+
+    def info(self) -> EngineInfo: ...
+
+    def load_model(self, path: Optional[str]) -> EngineInfo: ...
+
+    def translate(
+        self,
+        request: TranslateRequest,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> TranslateResult: ...
+
+    def generate(
+        self,
+        request: GenerateRequest,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> GenerateResult: ...
+
+    def start_finetune(self, request: FinetuneRequest) -> JobStatus: ...
+
+    def job_status(self, job_id: str) -> JobStatus: ...
+
+    def cancel_job(self, job_id: str) -> JobStatus: ...
+
+    def list_models(self) -> Sequence[str]: ...
