@@ -1,0 +1,20 @@
+"""Where the project's bundled resources and caches live (local paths only, never a hub)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+#: `resources/` beside `src/` in a checkout (the install is editable); override with MUPD_RESOURCES.
+RESOURCES = Path(os.environ.get("MUPD_RESOURCES", Path(__file__).resolve().parents[2] / "resources"))
+STAIN_CATALOGUE = RESOURCES / "stains.json"
+DEFAULT_MODEL = RESOURCES / "models" / "mupd-tiny"
+
+
+def cache_dir() -> Path:
+    """Per-user cache (sample slide, extracted wheels); override with MUPD_CACHE."""
+    path = Path(os.environ.get("MUPD_CACHE", platformdirs.user_cache_dir("napari-mupd")))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
