@@ -15,7 +15,10 @@ from typing import Optional, Sequence
 from .errors import MuPDError
 
 #: Modules that contribute sub-commands (each has `register(subparsers)`).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "mupd.commands.stain",
+    "mupd.commands.generate",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,54 @@
+"""`mupd stain`: virtual IHC / mIF of a region or a whole slide, written as OME-Zarr."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import RegionError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stain", help="translate a slide region (or the whole slide) into stains")
+    p.add_argument("slide", help="slide file (SVS, TIFF, OME-TIFF, QPTIFF, JPEG, OME-Zarr)")
+    p.add_argument("--stains", nargs="+", required=True, help="target stains/markers, e.g. HER2 Ki67")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--box", nargs=4, type=int, metavar=("X", "Y", "W", "H"),
+                       help="region in level-0 pixels (default: the whole slide)")
+    where.add_argument("--geojson", help="QuPath GeoJSON: each annotation is translated")
+    p.add_argument("--out", required=True, help="output folder (one OME-Zarr per stain)")
+    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--mpp", type=float, default=None, help="slide um/px when the file has none")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps (1: one-step readout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-render", action="store_true", help="skip the brightfield DAB rendering")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine.api import TranslateRequest
+    from ..engine.local import LocalEngine
+    from ..io import read_geojson
+    from .console import ConsoleProgress
+
+    if args.geojson:
+        regions = read_geojson(args.geojson)
+        if not regions:
+            raise RegionError(f"{args.geojson} holds no annotation to translate")
+        targets = [(f"{args.out}/region-{i:03d}", r.polygon) for i, r in enumerate(regions)]
+    else:
+        targets = [(args.out, None)]
+    engine = LocalEngine(args.model, device=args.device)
+    for out, polygon in targets:
+        bar = ConsoleProgress()
+        result = engine.translate(
+            TranslateRequest(slide_path=args.slide, stains=args.stains,
+                             box=tuple(args.box) if args.box else None, polygon=polygon,
+                             steps=args.steps, seed=args.seed, slide_mpp=args.mpp,
+                             render_brightfield=not args.no_render, output_path=out),
+            progress=bar,
+        )
+        bar.close()
+        names = ", ".join(l.name for l in result.layers)
+        print(f"{result.n_tiles} tiles in {result.seconds:.1f} s -> {result.output_path} ({names})")
+    return 0
