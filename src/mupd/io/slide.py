@@ -1,0 +1,201 @@
+"""The one Slide object every reader returns: a lazy (Y, X, C) pyramid plus what it means in um.
+
+Readers (TIFF family, plain images, OME-Zarr) only differ in how they find levels and metadata;
+region reads, resampling to a target mpp, thumbnails and the mpp policy live here once.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import dask.array as da
+import numpy as np
+from skimage.transform import resize
+
+from ..errors import MuPDError, RegionError, SlideError
+
+#: Reads level pixels [y0:y1, x0:x1] as a (h, w, C) numpy array.
+LevelReader = Callable[[int, int, int, int], np.ndarray]
+MppLike = Union[float, tuple[float, float], None]
+
+
+def as_mpp_pair(mpp: MppLike, what: str) -> Optional[tuple[float, float]]:
+    """(x, y) um/px from a number or a pair; refuses zero, negative and non-finite sizes."""
+    if mpp is None:
+        return None
+    pair = (mpp, mpp) if np.isscalar(mpp) else tuple(mpp)
+    if len(pair) != 2:
+        raise SlideError(f"mpp for {what} must be a number or an (x, y) pair, got {mpp!r}")
+    try:
+        out = (float(pair[0]), float(pair[1]))
+    except (TypeError, ValueError):
+        raise SlideError(f"mpp for {what} must be numeric, got {mpp!r}") from None
+    if not all(math.isfinite(v) and v > 0 for v in out):
+        raise SlideError(f"mpp for {what} must be positive micrometres per pixel, got {mpp!r}")
+    return out
+
+
+class Slide:
+    """A slide opened lazily: `levels[i]` are (Y, X, C) dask arrays chunked on the file's tiles."""
+
+    def __init__(
+        self,
+        path: Path,
+        format: str,
+        levels: Sequence[da.Array],
+        readers: Sequence[LevelReader],
+        channel_names: Sequence[str],
+        is_rgb: bool,
+        file_mpp: MppLike = None,
+        user_mpp: MppLike = None,
+        objective_power: Optional[float] = None,
+        associated_images: Optional[dict[str, np.ndarray]] = None,
+        channel_colors: Optional[Sequence[Optional[str]]] = None,
+        metadata: Optional[dict] = None,
+        close: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.path = Path(path)
+        self.format = format
+        self.levels = list(levels)
+        self._readers = list(readers)
+        self.channel_names = list(channel_names)
+        self.channel_colors = list(channel_colors) if channel_colors else [None] * len(self.channel_names)
+        self.is_rgb = is_rgb
+        self.objective_power = objective_power
+        self.associated_images = dict(associated_images or {})
+        #: Free-form metadata the file carried (e.g. what `write_ome_zarr(metadata=...)` stored).
+        self.metadata = dict(metadata or {})
+        self._close = close
+        override = as_mpp_pair(user_mpp, str(self.path))
+        found = as_mpp_pair(file_mpp, str(self.path))
+        self.mpp: Optional[tuple[float, float]] = override or found
+        self.mpp_known = self.mpp is not None
+        if not self.mpp_known:
+            warnings.warn(
+                f"slide {self.path} has no pixel size (mpp) in its metadata; physical scale is unknown. "
+                "Pass mpp=... to open_slide if you know it.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    # -- geometry -------------------------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0."""
+        return self.level_dimensions[0]
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [(int(lv.shape[1]), int(lv.shape[0])) for lv in self.levels]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        w0, h0 = self.dimensions
+        return [(w0 / w + h0 / h) / 2.0 for w, h in self.level_dimensions]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.levels[0].dtype
+
+    def __repr__(self) -> str:
+        return (f"Slide({str(self.path)!r}, format={self.format!r}, dimensions={self.dimensions}, "
+                f"levels={len(self.levels)}, channels={self.channel_names}, mpp={self.mpp})")
+
+    # -- reading --------------------------------------------------------------------------------
+    def _check_region(self, location: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+        W, H = self.dimensions
+        try:
+            x, y = (int(v) for v in location)
+            w, h = (int(v) for v in size)
+        except (TypeError, ValueError):
+            raise RegionError(f"region location {location!r} / size {size!r} for {self.path} must be "
+                              "two integer pairs (x, y) and (w, h)") from None
+        if w <= 0 or h <= 0:
+            raise RegionError(f"region size {w}x{h} for {self.path} must be positive (width and height > 0)")
+        if x < 0 or y < 0 or x + w > W or y + h > H:
+            raise RegionError(
+                f"region x={x}, y={y}, w={w}, h={h} lies (partly) outside slide {self.path} of size "
+                f"{W}x{H} (level-0 pixels); clip it to 0 <= x, x + w <= {W}, 0 <= y, y + h <= {H}"
+            )
+        return x, y, w, h
+
+    def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        try:
+            return np.asarray(self._readers[level](y0, y1, x0, x1))
+        except MuPDError:
+            raise
+        except Exception as exc:  # decoder / store failures: say which file, not a deep traceback
+            raise SlideError(f"could not read pixels from {self.path} (level {level}): "
+                             f"{type(exc).__name__}: {exc}") from exc
+
+    def read_region(self, location: tuple[int, int], size: tuple[int, int],
+                    mpp: Optional[float] = None) -> np.ndarray:
+        """(h', w', C) pixels of a level-0 box; with `mpp`, from the best level, resampled to it."""
+        x, y, w, h = self._check_region(location, size)
+        if mpp is None:
+            return self._read_level(0, x, y, x + w, y + h)
+        target = as_mpp_pair(mpp, f"read_region on {self.path}")[0]
+        if self.mpp is None:
+            raise RegionError(f"cannot read {self.path} at {target} um/px: the slide has no known mpp; "
+                              "open it with open_slide(path, mpp=...)")
+        out_w = round(w * self.mpp[0] / target)
+        out_h = round(h * self.mpp[1] / target)
+        if out_w < 1 or out_h < 1:
+            raise RegionError(f"region {w}x{h} of {self.path} at {target} um/px is smaller than one pixel")
+        factor = min(w / out_w, h / out_h)
+        level = self.best_level_for_downsample(factor)
+        ds_x = self.dimensions[0] / self.level_dimensions[level][0]
+        ds_y = self.dimensions[1] / self.level_dimensions[level][1]
+        lw, lh = self.level_dimensions[level]
+        x0, y0 = int(math.floor(x / ds_x)), int(math.floor(y / ds_y))
+        x1 = min(max(int(math.ceil((x + w) / ds_x)), x0 + 1), lw)
+        y1 = min(max(int(math.ceil((y + h) / ds_y)), y0 + 1), lh)
+        pixels = self._read_level(level, x0, y0, x1, y1)
+        return _resample(pixels, out_h, out_w)
+
+    def best_level_for_downsample(self, factor: float) -> int:
+        """The coarsest level that is still at least as fine as `factor` (never upsample a coarse one)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= factor * (1 + 1e-3):
+                best = i
+        return best
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """The whole slide with its longer side at most `max_size` pixels (from the coarsest level that suffices)."""
+        if int(max_size) < 1:
+            raise RegionError(f"thumbnail size {max_size} for {self.path} must be a positive number of pixels")
+        W, H = self.dimensions
+        scale = min(1.0, max_size / max(W, H))
+        out_w, out_h = max(1, round(W * scale)), max(1, round(H * scale))
+        level = self.best_level_for_downsample(min(W / out_w, H / out_h))
+        lw, lh = self.level_dimensions[level]
+        return _resample(self._read_level(level, 0, 0, lw, lh), out_h, out_w)
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+            self._close = None
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _resample(pixels: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Area-aware resize keeping the dtype (anti-aliased when shrinking)."""
+    if pixels.shape[:2] == (out_h, out_w):
+        return pixels
+    shrinking = out_h < pixels.shape[0] or out_w < pixels.shape[1]
+    out = resize(pixels, (out_h, out_w, pixels.shape[2]), order=1, anti_aliasing=shrinking,
+                 preserve_range=True)
+    if np.issubdtype(pixels.dtype, np.integer):
+        info = np.iinfo(pixels.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(pixels.dtype)

@@ -1,0 +1,203 @@
+"""TIFF-family slides (Aperio SVS, generic pyramidal TIFF, OME-TIFF, PerkinElmer QPTIFF) via tiffslide.
+
+tiffslide gives the zarr view of the pyramid (chunks = the file's tiles) and the Aperio/OME
+properties; the OME and QPTIFF XML is parsed here for channel names, colours and pixel size.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Optional
+
+import dask.array as da
+import numpy as np
+import tifffile
+
+from ..errors import SlideError
+from .slide import MppLike, Slide
+
+#: Strip-based pages (no tiles) are grouped into dask chunks of about this many rows.
+STRIP_CHUNK_ROWS = 512
+_UM_PER_UNIT = {"µm": 1.0, "um": 1.0, "micrometer": 1.0, "micron": 1.0, "nm": 1e-3, "nanometer": 1e-3,
+                "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4, "m": 1e6, "meter": 1e6}
+
+
+def tiff_kind(tf: tifffile.TiffFile, path: Path) -> str:
+    """Our format name for an open TIFF ('svs', 'ome-tiff', 'qptiff', 'tiff')."""
+    if tf.is_svs:
+        return "svs"
+    if tf.is_qpi or path.suffix.lower() == ".qptiff":
+        return "qptiff"
+    if tf.is_ome:
+        return "ome-tiff"
+    return "tiff"
+
+
+def open_tiff(path: Path, mpp: MppLike = None) -> Slide:
+    import tiffslide
+
+    _check_tiff_header(path)
+    try:
+        ts = tiffslide.TiffSlide(str(path))
+    except Exception as exc:
+        raise SlideError(f"cannot open {path} as a TIFF slide ({type(exc).__name__}: {exc}); "
+                         "the file may be truncated or corrupt") from exc
+    try:
+        return _build(ts, path, mpp)
+    except Exception:
+        ts.close()
+        raise
+
+
+def _check_tiff_header(path: Path) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:2] not in (b"II", b"MM") or head[2:4] not in (b"*\x00", b"\x00*", b"+\x00", b"\x00+"):
+        raise SlideError(f"{path} is not a TIFF/SVS file (it starts with {head!r}, not a TIFF header); "
+                         "was it renamed from another format?")
+
+
+def _build(ts, path: Path, user_mpp: MppLike) -> Slide:
+    tf: tifffile.TiffFile = ts.ts_tifffile
+    props = ts.properties
+    if props.get("tiffslide.series-composition"):
+        raise SlideError(f"{path} stores its image as several tiled series (a composed slide); not supported")
+    kind = tiff_kind(tf, path)
+    series = tf.series[props.get("tiffslide.series-index", 0) or 0]
+    _check_complete(series, path)
+    axes = props["tiffslide.series-axes"]
+    group = ts.zarr_group
+    levels, readers = [], []
+    for i in range(ts.level_count):
+        arr = group[str(i)]
+        levels.append(_as_yxc(da.from_zarr(arr), axes, arr.chunks))
+        readers.append(_reader(ts, i, axes))
+
+    n_channels = int(levels[0].shape[2])
+    file_mpp, objective = _mpp_and_objective(props)
+    names: list[str] = []
+    colors: list[Optional[str]] = []
+    if kind == "ome-tiff" and tf.ome_metadata:
+        names, colors, ome_mpp = _ome_channels_and_mpp(tf.ome_metadata, n_channels)
+        file_mpp = ome_mpp or file_mpp
+    elif kind == "qptiff":
+        names, colors, qpi_mpp, qpi_obj = _qptiff_channels_and_mpp(series, n_channels)
+        file_mpp = qpi_mpp or file_mpp
+        objective = qpi_obj or objective
+    photometric = series.keyframe.photometric
+    is_rgb = (n_channels == 3 and levels[0].dtype == np.uint8 and axes == "YXS"
+              and photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR))
+    if is_rgb:
+        names, colors = ["R", "G", "B"], ["FF0000", "00FF00", "0000FF"]
+    if len(names) != n_channels:
+        names, colors = [f"channel {i}" for i in range(n_channels)], [None] * n_channels
+
+    associated = {}
+    for name in ts.associated_images:
+        try:
+            associated[name] = np.asarray(ts.associated_images[name])
+        except Exception:  # a broken label/macro must not stop the slide from opening
+            continue
+    return Slide(path, kind, levels, readers, names, is_rgb, file_mpp=file_mpp, user_mpp=user_mpp,
+                 objective_power=objective, associated_images=associated, channel_colors=colors,
+                 close=ts.close)
+
+
+def _check_complete(series: tifffile.TiffPageSeries, path: Path) -> None:
+    """Refuse a truncated file now, instead of a decoder error deep inside napari later."""
+    size = os.path.getsize(path)
+    for level_index, level in enumerate(series.levels):
+        for page in level.pages:
+            if page is None:
+                continue
+            offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+            counts = np.asarray(page.databytecounts, dtype=np.int64)
+            used = counts > 0
+            end = int((offsets[used] + counts[used]).max()) if used.any() else 0
+            if end > size:
+                raise SlideError(f"{path} is truncated: level {level_index} needs {end} bytes but the file has "
+                                 f"{size}; copy or download it again")
+
+
+def _as_yxc(arr: da.Array, axes: str, file_chunks: tuple[int, ...]) -> da.Array:
+    if axes == "YXS":
+        out = arr
+    elif axes == "CYX":
+        out = arr.transpose(1, 2, 0)
+    elif axes == "YX":
+        out = arr[..., None]
+    else:
+        raise SlideError(f"unsupported TIFF axes {axes!r}")
+    rows = out.chunks[0][0]
+    if rows < 256 and out.shape[0] > rows:  # strips: group into ~512-row chunks on strip boundaries
+        out = out.rechunk({0: max(rows, (STRIP_CHUNK_ROWS // rows) * rows)})
+    return out
+
+
+def _reader(ts, level: int, axes: str):
+    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        arr = ts.zarr_group[str(level)]  # tiffslide keeps one zarr view per thread
+        if axes == "YXS":
+            return arr[y0:y1, x0:x1, :]
+        if axes == "CYX":
+            return np.moveaxis(arr[:, y0:y1, x0:x1], 0, -1)
+        return arr[y0:y1, x0:x1][..., None]
+
+    return read
+
+
+def _mpp_and_objective(props) -> tuple[Optional[tuple[float, float]], Optional[float]]:
+    mx, my = props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y")
+    mpp = (float(mx), float(my)) if mx and my else None
+    obj = props.get("tiffslide.objective-power")
+    return mpp, (float(obj) if obj else None)
+
+
+def _hex_from_ome_color(value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    rgba = int(value) & 0xFFFFFFFF  # OME stores signed 32-bit RGBA
+    return f"{rgba >> 24 & 255:02X}{rgba >> 16 & 255:02X}{rgba >> 8 & 255:02X}"
+
+
+def _ome_channels_and_mpp(xml: str, n_channels: int):
+    root = ET.fromstring(xml)
+    ns = {"ome": root.tag.split("}")[0].strip("{")} if root.tag.startswith("{") else {"ome": ""}
+    pixels = root.find(".//ome:Image/ome:Pixels", ns) if ns["ome"] else root.find(".//Image/Pixels")
+    if pixels is None:
+        return [], [], None
+    channels = pixels.findall("ome:Channel", ns) if ns["ome"] else pixels.findall("Channel")
+    names, colors = [], []
+    for i, ch in enumerate(channels):
+        names.append(ch.get("Name") or f"channel {i}")
+        colors.append(_hex_from_ome_color(ch.get("Color")))
+    mpp = None
+    sx, sy = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeY")
+    if sx and sy:
+        fx = _UM_PER_UNIT.get(pixels.get("PhysicalSizeXUnit", "µm"))
+        fy = _UM_PER_UNIT.get(pixels.get("PhysicalSizeYUnit", "µm"))
+        if fx and fy:
+            mpp = (float(sx) * fx, float(sy) * fy)
+    return names, colors, mpp
+
+
+def _qptiff_channels_and_mpp(series: tifffile.TiffPageSeries, n_channels: int):
+    """Channel names/colours from each plane's PerkinElmer XML; pixel size from ScanResolution."""
+    names, colors = [], []
+    mpp = objective = None
+    for page in series.pages[:n_channels]:
+        try:
+            root = ET.fromstring(page.description.encode("utf-8", "replace").decode("utf-8").split("?>", 1)[-1])
+        except ET.ParseError:
+            return [], [], None, None
+        names.append((root.findtext("Name") or root.findtext("Biomarker") or "").strip() or f"channel {len(names)}")
+        rgb = (root.findtext("Color") or "").split(",")
+        colors.append("".join(f"{int(v):02X}" for v in rgb) if len(rgb) == 3 else None)
+        if mpp is None:
+            px = root.findtext(".//ScanResolution/PixelSizeMicrons")
+            mag = root.findtext(".//ScanResolution/Magnification")
+            mpp = (float(px), float(px)) if px else None
+            objective = float(mag) if mag else None
+    return names, colors, mpp, objective
