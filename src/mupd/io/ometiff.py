@@ -36,12 +36,12 @@ def _signed_rgba(hex_rgb: str) -> int:
 
 
 def _write_tiff(target: Path, levels: list[da.Array], mpp: tuple[float, float], names: list[str],
-                colors: list[Optional[str]], metadata: Optional[dict]) -> None:
+                colors: list[Optional[str]], metadata: Optional[dict], name: str) -> None:
     """The inner write (separate so that a failure inside it is what atomicity is tested against)."""
     rgb = names == ["R", "G", "B"] and levels[0].dtype == np.uint8
     h0, w0, c = levels[0].shape
     ome: dict = {"axes": "YXS" if rgb else "CYX", "PhysicalSizeX": mpp[0], "PhysicalSizeXUnit": "µm",
-                 "PhysicalSizeY": mpp[1], "PhysicalSizeYUnit": "µm", "Name": target.name.split(".partial")[0]}
+                 "PhysicalSizeY": mpp[1], "PhysicalSizeYUnit": "µm", "Name": name}
     if not rgb:
         channel: dict = {"Name": names}
         if all(colors):
@@ -55,7 +55,7 @@ def _write_tiff(target: Path, levels: list[da.Array], mpp: tuple[float, float], 
         for i, lv in enumerate(levels):
             h, w = lv.shape[:2]
             shape = (h, w, c) if rgb else (c, h, w)
-            res = (1e4 / (mpp[0] * w0 / w), 1e4 / (mpp[1] * h0 / h))
+            res = (1e4 / (mpp[0] * (w0 / w)), 1e4 / (mpp[1] * (h0 / h)))
             extra = {"subifds": len(levels) - 1, "metadata": ome} if i == 0 else {"subfiletype": 1}
             tw.write(_tiles(lv, planes=not rgb), shape=shape, resolution=res, **options, **extra)
 
@@ -72,5 +72,5 @@ def write_ome_tiff(path: str | Path, image, mpp: float | tuple[float, float],
     names, cols = check_channels(channel_names, colors, int(arr.shape[2]), what)
     levels = build_pyramid(arr, n_levels)
     with atomic_output(final, overwrite) as tmp:
-        _write_tiff(tmp, levels, pair, names, cols, metadata)
+        _write_tiff(tmp, levels, pair, names, cols, metadata, final.name)
     return final

@@ -6,6 +6,7 @@ colours; our own extra metadata sits under the group attribute "mupd".
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,8 +23,8 @@ _UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "centimeter": 1e
        "angstrom": 1e-4}
 
 
-def _write_pyramid(target: Path, levels: list[da.Array], mpp: tuple[float, float],
-                   names: list[str], colors: list[Optional[str]], metadata: Optional[dict]) -> None:
+def _write_pyramid(target: Path, levels: list[da.Array], mpp: tuple[float, float], names: list[str],
+                   colors: list[Optional[str]], metadata: Optional[dict], name: str) -> None:
     """The inner write (separate so that a failure inside it is what atomicity is tested against)."""
     from ome_zarr.writer import add_metadata, write_multiscale
 
@@ -32,16 +33,14 @@ def _write_pyramid(target: Path, levels: list[da.Array], mpp: tuple[float, float
     chunk_c = levels[0].shape[2] if rgb else 1  # RGB tiles whole; fluorescence one channel per chunk
     pyramid = [lv.transpose(2, 0, 1).rechunk((chunk_c, TILE, TILE)) for lv in levels]
     h0, w0 = levels[0].shape[:2]
-    transforms = [[{"type": "scale", "scale": [1.0, mpp[1] * h0 / lv.shape[0], mpp[0] * w0 / lv.shape[1]]}]
+    transforms = [[{"type": "scale", "scale": [1.0, mpp[1] * (h0 / lv.shape[0]), mpp[0] * (w0 / lv.shape[1])]}]
                   for lv in levels]
     axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": "micrometer"},
             {"name": "x", "type": "space", "unit": "micrometer"}]
-    import warnings
-
     with warnings.catch_warnings():  # explicit per-level scales are what NGFF stores; keep them exact
         warnings.simplefilter("ignore", DeprecationWarning)
         write_multiscale(pyramid, group, axes=axes, coordinate_transformations=transforms,
-                         storage_options={"chunks": (chunk_c, TILE, TILE)}, name=target.name)
+                         storage_options={"chunks": (chunk_c, TILE, TILE)}, name=name)
     window = _window(levels[-1])
     channels = [{"label": n, "active": True, **({"color": c} if c else {}), "window": window}
                 for n, c in zip(names, colors)]
@@ -71,7 +70,7 @@ def write_ome_zarr(path: str | Path, image, mpp: float | tuple[float, float],
     names, cols = check_channels(channel_names, colors, int(arr.shape[2]), what)
     levels = build_pyramid(arr, n_levels)
     with atomic_output(final, overwrite) as tmp:
-        _write_pyramid(tmp, levels, pair, names, cols, metadata)
+        _write_pyramid(tmp, levels, pair, names, cols, metadata, final.name)
     return final
 
 

@@ -111,8 +111,9 @@ def open_plain_image(path: Path, mpp: MppLike = None) -> Slide:
         h, w = -(-height // factor), -(-width // factor)  # PIL's reduce rounds up
         arrays.append(_DecodedImage(path, decode_mode, (h, w, n_channels), dtype, factor=factor, base=base))
         factor *= 2
+    stamp = path.stat().st_mtime_ns
     levels = [da.from_array(a, chunks=(CHUNK, CHUNK, n_channels), asarray=False, fancy=False,
-                            name=f"mupd-image-{path}-{a.factor}-{path.stat().st_mtime_ns}")
+                            meta=np.empty((0, 0, n_channels), dtype), name=f"mupd-image-{path}-{a.factor}-{stamp}")
               for a in arrays]
     readers = [(lambda a: (lambda y0, y1, x0, x1: a.pixels()[y0:y1, x0:x1]))(a) for a in arrays]
     return Slide(path, "image", levels, readers, names, is_rgb, file_mpp=None, user_mpp=mpp)

@@ -6,6 +6,7 @@ properties; the OME and QPTIFF XML is parsed here for channel names, colours and
 
 from __future__ import annotations
 
+import json
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -79,8 +80,9 @@ def _build(ts, path: Path, user_mpp: MppLike) -> Slide:
     file_mpp, objective = _mpp_and_objective(props)
     names: list[str] = []
     colors: list[Optional[str]] = []
+    metadata: dict = {}
     if kind == "ome-tiff" and tf.ome_metadata:
-        names, colors, ome_mpp = _ome_channels_and_mpp(tf.ome_metadata, n_channels)
+        names, colors, ome_mpp, metadata = _ome_channels_and_mpp(tf.ome_metadata, n_channels)
         file_mpp = ome_mpp or file_mpp
     elif kind == "qptiff":
         names, colors, qpi_mpp, qpi_obj = _qptiff_channels_and_mpp(series, n_channels)
@@ -102,7 +104,7 @@ def _build(ts, path: Path, user_mpp: MppLike) -> Slide:
             continue
     return Slide(path, kind, levels, readers, names, is_rgb, file_mpp=file_mpp, user_mpp=user_mpp,
                  objective_power=objective, associated_images=associated, channel_colors=colors,
-                 close=ts.close)
+                 metadata=metadata, close=ts.close)
 
 
 def _check_complete(series: tifffile.TiffPageSeries, path: Path) -> None:
@@ -167,7 +169,7 @@ def _ome_channels_and_mpp(xml: str, n_channels: int):
     ns = {"ome": root.tag.split("}")[0].strip("{")} if root.tag.startswith("{") else {"ome": ""}
     pixels = root.find(".//ome:Image/ome:Pixels", ns) if ns["ome"] else root.find(".//Image/Pixels")
     if pixels is None:
-        return [], [], None
+        return [], [], None, {}
     channels = pixels.findall("ome:Channel", ns) if ns["ome"] else pixels.findall("Channel")
     names, colors = [], []
     for i, ch in enumerate(channels):
@@ -180,7 +182,17 @@ def _ome_channels_and_mpp(xml: str, n_channels: int):
         fy = _UM_PER_UNIT.get(pixels.get("PhysicalSizeYUnit", "µm"))
         if fx and fy:
             mpp = (float(sx) * fx, float(sy) * fy)
-    return names, colors, mpp
+    return names, colors, mpp, _json_description(root, ns)
+
+
+def _json_description(root: ET.Element, ns: dict) -> dict:
+    """The free-form metadata `write_ome_tiff` keeps as JSON in Image/Description ({} otherwise)."""
+    node = root.find(".//ome:Image/ome:Description", ns) if ns["ome"] else root.find(".//Image/Description")
+    try:
+        value = json.loads(node.text) if node is not None and node.text else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _qptiff_channels_and_mpp(series: tifffile.TiffPageSeries, n_channels: int):
