@@ -1,0 +1,78 @@
+"""Training samples and the collate that turns them into the pipeline's batch.
+
+Every data source (a patch store, a folder of stain pairs, captioned tiles, ST spots) is
+reduced to a list of `Sample`s; `collate` is the single place that knows the model's batch
+layout. Modality dropout is the pipeline's job, so conditions are passed through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+
+@dataclass
+class Sample:
+    target: np.ndarray  # (H, W, 3) uint8 RGB stain image, or (H, W) float marker map in [0, 1]
+    stain: str
+    source: Optional[np.ndarray] = None  # (H, W, 3) uint8 H&E for translation
+    text: Optional[str] = None
+    rna: Optional[dict[str, float]] = None  # gene symbol -> value
+    rna_normalized: bool = False  # False: raw counts (the tokenizer applies CPM + log1p)
+    name: str = ""  # where it came from, for error messages
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 or (H, W) [0, 1] float -> (3, H, W) float in [-1, 1]."""
+    if image.ndim == 2:  # a marker map: same intensity on the three channels
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).clamp(0, 1)
+        return (x * 2 - 1).expand(3, *x.shape).contiguous()
+    x = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float()
+    return x / 127.5 - 1.0
+
+
+def _stack(images: Sequence[np.ndarray], what: str, names: Sequence[str]) -> torch.Tensor:
+    shapes = {im.shape[:2] for im in images}
+    if len(shapes) > 1:
+        raise DataError(f"{what} tiles of different sizes {sorted(shapes)} in one batch "
+                        f"({', '.join(names)})")
+    return torch.stack([image_to_tensor(im) for im in images])
+
+
+def collate(samples: Sequence[Sample], rna_tokenizer: Any = None) -> dict[str, Any]:
+    """The pipeline's training batch from samples of one task (all with a source, or none)."""
+    names = [s.name for s in samples]
+    batch: dict[str, Any] = {
+        "target": _stack([s.target for s in samples], "target", names),
+        "stain": [s.stain for s in samples],
+    }
+    with_source = [s.source is not None for s in samples]
+    if any(with_source):
+        if not all(with_source):
+            raise DataError(f"batch mixes translation and generation samples ({', '.join(names)})")
+        batch["source"] = _stack([s.source for s in samples], "source", names)
+    if any(s.text for s in samples):
+        batch["text"] = [s.text or None for s in samples]
+    if any(s.rna is not None for s in samples):
+        if rna_tokenizer is None:
+            raise DataError("samples carry RNA but the model has no RNA tokenizer")
+        aligned = {i: rna_tokenizer.align(s.rna, normalized=s.rna_normalized)[:2]
+                   for i, s in enumerate(samples) if s.rna is not None}
+        v0, m0 = next(iter(aligned.values()))
+        absent = (np.zeros_like(np.asarray(v0)), np.zeros(np.asarray(m0).shape, dtype=bool))
+        pairs = [aligned.get(i, absent) for i in range(len(samples))]
+        values = [torch.as_tensor(np.asarray(v), dtype=torch.float32) for v, _ in pairs]
+        masks = [torch.as_tensor(np.asarray(m), dtype=torch.bool) for _, m in pairs]
+        batch["rna_values"] = torch.stack(values)
+        batch["rna_mask"] = torch.stack(masks)
+    return batch
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
