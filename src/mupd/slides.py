@@ -76,6 +76,35 @@ class TileGrid:
         return [(y, x) for y in self._starts(self.height) for x in self._starts(self.width)]
 
 
+class ArraySlide:
+    """An RGB region already in memory (an upload to the server, a test image), read like a slide.
+
+    It offers what RegionTranslator reads from an opened slide: `path`, `mpp` (x, y),
+    `dimensions` (width, height) and `read_region((x, y), (w, h))`.
+    """
+
+    def __init__(self, image: np.ndarray, mpp: float, path: str = "<memory>") -> None:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] < 3 or image.dtype != np.uint8:
+            raise SlideError(f"{path}: expected an (H, W, 3) uint8 RGB image, got "
+                             f"{image.shape} {image.dtype}")
+        self.image, self.path, self.mpp = image[..., :3], path, (float(mpp), float(mpp))
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return int(self.image.shape[1]), int(self.image.shape[0])
+
+    def read_region(self, location: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        (x, y), (w, h) = location, size
+        return self.image[y : y + h, x : x + w]
+
+    def __enter__(self) -> "ArraySlide":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 def feather_window(tile: int, overlap: int) -> np.ndarray:
     """2-D blending weights: 1 inside, a raised-cosine ramp across the overlap margins."""
     ramp = np.ones(tile, dtype=np.float32)
@@ -118,25 +147,68 @@ def placement(box: tuple[int, int, int, int], slide_mpp: tuple[float, float], ou
     return (out_mpp, out_mpp), translate
 
 
+#: Fixed-point scale of the blending sums. Integer addition is associative, so the sums (and
+#: the output) are bit-identical however the tiles are split across processes or ordered.
+FIXED_POINT = float(2**32)
+
+
 class _Accumulator:
-    """Weighted sums for one output (numpy in memory, zarr on disk for large regions)."""
+    """Weighted fixed-point sums for one output (numpy in memory, zarr on disk when large)."""
 
     def __init__(self, shape: tuple[int, ...], store: Optional[Path], chunk: int) -> None:
         if store is None:
-            self.sum = np.zeros(shape, dtype=np.float32)
+            self.sum = np.zeros(shape, dtype=np.int64)
         else:
             import zarr
 
             chunks = (chunk, chunk) + tuple(shape[2:])
-            self.sum = zarr.open_array(store, mode="w", shape=shape, chunks=chunks, dtype="f4")
+            self.sum = zarr.open_array(store, mode="w", shape=shape, chunks=chunks, dtype="i8")
 
     def add(self, y: int, x: int, value: np.ndarray) -> None:
         sl = (slice(y, y + value.shape[0]), slice(x, x + value.shape[1]))
-        self.sum[sl] = self.sum[sl] + value
+        self.sum[sl] = self.sum[sl] + np.rint(value.astype(np.float64) * FIXED_POINT).astype(np.int64)
+
+
+@dataclass
+class RegionPlan:
+    """Everything fixed before any tile runs: every process of a distributed run derives the
+    same plan, so a rank can process any subset of its batches."""
+
+    slide_path: str
+    slide_mpp: tuple[float, float]
+    targets: list[Any]
+    box: tuple[int, int, int, int]
+    factor: float  # level-0 pixels per output pixel
+    out_mpp: float
+    out_shape: tuple[int, int]
+    batches: list[list[tuple[int, int]]]  # tile origins (output pixels), in batch_size groups
+
+    @property
+    def n_tiles(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+@dataclass
+class RegionSums:
+    """The partial blending sums of one process: one accumulator per output, plus the weights."""
+
+    outputs: dict[str, _Accumulator]
+    weight: _Accumulator
+    workdir: Path
+    on_disk: bool
+    n_skipped: int = 0
+
+    def arrays(self) -> list[Any]:
+        """Every sum array in a fixed order (for reducing across processes)."""
+        return [self.outputs[k].sum for k in sorted(self.outputs)] + [self.weight.sum]
 
 
 class RegionTranslator:
-    """Runs a pipeline over a region of a slide; the CLI, server and plugin all use this."""
+    """Runs a pipeline over a region of a slide; the CLI, server and plugin all use this.
+
+    `__call__` does a whole region; `plan`, `new_sums`, `accumulate` and `finish` are its steps,
+    so that a distributed run (mupd.distributed) can give each process a share of the batches.
+    """
 
     def __init__(self, pipeline: Any, batch_size: int = 8, overlap: float = 0.25,
                  tissue_only: bool = True) -> None:
@@ -159,8 +231,21 @@ class RegionTranslator:
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
     ) -> RegionTranslation:
-        progress = progress or no_progress
         start = time.perf_counter()
+        plan = self.plan(slide, stains, box=box, polygon=polygon)
+        sums = self.new_sums(plan, render_brightfield, workdir)
+        try:
+            self.accumulate(slide, plan, plan.batches, sums, steps=steps, guidance=guidance,
+                            seed=seed, render_brightfield=render_brightfield,
+                            progress=progress, cancel=cancel)
+            return self.finish(plan, sums, start)
+        except BaseException:
+            shutil.rmtree(sums.workdir, ignore_errors=True)
+            raise
+
+    def plan(self, slide: Any, stains: Sequence[str],
+             box: Optional[tuple[int, int, int, int]] = None,
+             polygon: Optional[Sequence[tuple[float, float]]] = None) -> RegionPlan:
         targets = [self.pipeline.catalogue.get(s) for s in stains]  # unknown stain -> clear error
         if not targets:
             raise RegionError("no target stain given: name at least one stain or marker")
@@ -172,68 +257,100 @@ class RegionTranslator:
             box = box_from_polygon(polygon)
         if box is None:
             box = (0, 0, *slide.dimensions)
+        box = tuple(int(v) for v in box)
         check_box(box, slide.dimensions, f"slide {slide.path}")
-
         mpp0 = float(np.mean(slide.mpp))
         out_mpp = float(self.pipeline.mpp)
-        factor = out_mpp / mpp0  # level-0 pixels per output pixel
+        factor = out_mpp / mpp0
         x0, y0, w, h = box
         out_h, out_w = max(1, round(h / factor)), max(1, round(w / factor))
-        T = self.pipeline.tile_size
-        grid = TileGrid(out_h, out_w, T, self.overlap)
-        window = feather_window(T, min(self.overlap, T // 2))
-        origins = grid.origins()
+        origins = TileGrid(out_h, out_w, self.pipeline.tile_size, self.overlap).origins()
+        return RegionPlan(
+            slide_path=str(slide.path), slide_mpp=tuple(slide.mpp), targets=targets, box=box,
+            factor=factor, out_mpp=out_mpp, out_shape=(out_h, out_w),
+            batches=list(_batched(origins, self.batch_size)),
+        )
 
+    def new_sums(self, plan: RegionPlan, render_brightfield: bool,
+                 workdir: Optional[Path] = None) -> RegionSums:
         tmp = Path(tempfile.mkdtemp(prefix="mupd-acc-", dir=workdir))
-        try:
-            on_disk = out_h * out_w > IN_MEMORY_LIMIT_PX
-            acc, weight = self._accumulators(targets, render_brightfield, (out_h, out_w), tmp, on_disk)
-            n_skipped = 0
-            done = 0
-            progress(ProgressEvent("tiles", 0, len(origins), "translating"))
-            for batch in _batched(origins, self.batch_size):
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
-                tiles = np.stack([
-                    _read_tile(slide, x0 + ox * factor, y0 + oy * factor, T, factor, out_mpp)
-                    for oy, ox in batch
-                ])
-                keep = self._tissue_mask(tiles)
-                n_skipped += int((~keep).sum())
-                for (oy, ox), tile_ok in zip(batch, keep):
-                    weight.add(oy, ox, _crop(window, oy, ox, out_h, out_w))
-                if keep.any():
-                    outputs = self.pipeline.translate(
-                        tiles[keep], [t.name for t in targets], steps=steps, guidance=guidance,
-                        seed=seed, batch_size=self.batch_size,
-                    )
-                    if render_brightfield:
-                        for t in targets:
-                            if t.kind == "marker":
-                                outputs[f"IHC-{t.name}"] = render_dab_ihc(tiles[keep], outputs[t.name])
-                else:
-                    outputs = {}
-                kept = [o for o, k in zip(batch, keep) if k]
-                for name, a in acc.items():
-                    for i, (oy, ox) in enumerate(batch):
-                        if keep[i]:
-                            value = outputs[name][kept.index((oy, ox))].astype(np.float32)
-                        else:
-                            value = _background(a.sum.shape, T)
-                        win = window if value.ndim == 2 else window[..., None]
-                        a.add(oy, ox, _crop(value * win, oy, ox, out_h, out_w))
-                done += len(batch)
-                progress(ProgressEvent("tiles", done, len(origins), f"{done}/{len(origins)} tiles"))
-            layers = self._finish(targets, acc, weight, on_disk, tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if not on_disk:
-            shutil.rmtree(tmp, ignore_errors=True)
-        scale, translate = placement(box, slide.mpp, out_mpp)
+        on_disk = plan.out_shape[0] * plan.out_shape[1] > IN_MEMORY_LIMIT_PX
+
+        def make(name, extra=()):
+            return _Accumulator(plan.out_shape + extra, tmp / f"{name}.zarr" if on_disk else None, 512)
+
+        acc = {}
+        for t in plan.targets:
+            acc[t.name] = make(t.name, (3,) if t.kind == "rgb" else ())
+            if t.kind == "marker" and render_brightfield:
+                acc[f"IHC-{t.name}"] = make(f"IHC-{t.name}", (3,))
+        return RegionSums(acc, make("_weight"), tmp, on_disk)
+
+    def accumulate(
+        self,
+        slide: Any,
+        plan: RegionPlan,
+        batches: Sequence[Sequence[tuple[int, int]]],
+        sums: RegionSums,
+        steps: int = 1,
+        guidance: Optional[dict[str, float]] = None,
+        seed: int = 0,
+        render_brightfield: bool = True,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> None:
+        """Add the blended outputs of `batches` (a subset of `plan.batches`) into `sums`."""
+        progress = progress or no_progress
+        T = self.pipeline.tile_size
+        out_h, out_w = plan.out_shape
+        window = feather_window(T, min(self.overlap, T // 2))
+        x0, y0 = plan.box[0], plan.box[1]
+        total = sum(len(b) for b in batches)
+        done = 0
+        progress(ProgressEvent("tiles", 0, total, "translating"))
+        for batch in batches:
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            tiles = np.stack([
+                _read_tile(slide, x0 + ox * plan.factor, y0 + oy * plan.factor, T, plan.factor,
+                           plan.out_mpp)
+                for oy, ox in batch
+            ])
+            keep = self._tissue_mask(tiles)
+            sums.n_skipped += int((~keep).sum())
+            for oy, ox in batch:
+                sums.weight.add(oy, ox, _crop(window, oy, ox, out_h, out_w))
+            outputs = {}
+            if keep.any():
+                outputs = self.pipeline.translate(
+                    tiles[keep], [t.name for t in plan.targets], steps=steps, guidance=guidance,
+                    seed=seed, batch_size=self.batch_size,
+                )
+                if render_brightfield:
+                    for t in plan.targets:
+                        if t.kind == "marker":
+                            outputs[f"IHC-{t.name}"] = render_dab_ihc(tiles[keep], outputs[t.name])
+            kept_index = np.cumsum(keep) - 1
+            for name, a in sums.outputs.items():
+                for i, (oy, ox) in enumerate(batch):
+                    if keep[i]:
+                        value = outputs[name][kept_index[i]].astype(np.float32)
+                    else:
+                        value = _background(a.sum.shape, T)
+                    win = window if value.ndim == 2 else window[..., None]
+                    a.add(oy, ox, _crop(value * win, oy, ox, out_h, out_w))
+            done += len(batch)
+            progress(ProgressEvent("tiles", done, total, f"{done}/{total} tiles"))
+
+    def finish(self, plan: RegionPlan, sums: RegionSums, start: float) -> RegionTranslation:
+        """Normalise the (complete) sums into output layers placed over the slide."""
+        layers = self._layers(plan.targets, sums.outputs, sums.weight, sums.on_disk, sums.workdir)
+        if not sums.on_disk:
+            shutil.rmtree(sums.workdir, ignore_errors=True)
+        scale, translate = placement(plan.box, plan.slide_mpp, plan.out_mpp)
         return RegionTranslation(
-            layers=layers, box=tuple(int(v) for v in box), output_mpp=out_mpp, scale_um=scale,
-            translate_um=translate, n_tiles=len(origins), n_skipped=n_skipped,
+            layers=layers, box=plan.box, output_mpp=plan.out_mpp, scale_um=scale,
+            translate_um=translate, n_tiles=plan.n_tiles, n_skipped=sums.n_skipped,
             seconds=time.perf_counter() - start,
         )
 
@@ -244,18 +361,7 @@ class RegionTranslator:
 
         return np.array([is_tissue(t) for t in tiles], dtype=bool)
 
-    def _accumulators(self, targets, render_brightfield, shape, tmp, on_disk):
-        def make(name, extra=()):
-            return _Accumulator(shape + extra, tmp / f"{name}.zarr" if on_disk else None, 512)
-
-        acc = {}
-        for t in targets:
-            acc[t.name] = make(t.name, (3,) if t.kind == "rgb" else ())
-            if t.kind == "marker" and render_brightfield:
-                acc[f"IHC-{t.name}"] = make(f"IHC-{t.name}", (3,))
-        return acc, make("_weight")
-
-    def _finish(self, targets, acc, weight, on_disk, tmp) -> list[OutputLayer]:
+    def _layers(self, targets, acc, weight, on_disk, tmp) -> list[OutputLayer]:
         by_name = {t.name: t for t in targets}
         layers = []
         for name, a in acc.items():
@@ -265,10 +371,11 @@ class RegionTranslator:
                 import dask.array as da
 
                 s, w = da.from_zarr(a.sum), da.from_zarr(weight.sum)
-                data = s / (w[..., None] if rgb else w)
             else:
-                data = a.sum / (weight.sum[..., None] if rgb else weight.sum)
-            data = data.clip(0, 255).astype(np.uint8) if rgb else data.clip(0, 1).astype(np.float32)
+                s, w = a.sum, weight.sum
+            data = s / (w[..., None] if rgb else w)  # fixed-point scales cancel
+            data = (data.clip(0, 255).round().astype(np.uint8) if rgb
+                    else data.clip(0, 1).astype(np.float32))
             meta = {"target": name, "model_mpp": float(self.pipeline.mpp)}
             if target is None:  # a brightfield rendering of a marker
                 marker = name.removeprefix("IHC-")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 import traceback
 import uuid
-from typing import Callable, Optional
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Optional
 
 from ..errors import CancelledError, MuPDError
 from ..progress import CancelToken, ProgressEvent
@@ -25,7 +26,10 @@ class JobManager:
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
 
-    def submit(self, fn: JobFunction, job_id: Optional[str] = None) -> JobStatus:
+    def submit(self, fn: JobFunction, job_id: Optional[str] = None,
+               gate: Optional[Callable[[CancelToken], ContextManager]] = None) -> JobStatus:
+        """Run `fn` in a thread; with `gate`, the job stays "queued" until the gate is entered
+        (e.g. the server's one-job-per-device slot) and is cancellable while it waits."""
         job_id = job_id or uuid.uuid4().hex[:12]
         status = JobStatus(job_id=job_id, state="queued")
         token = CancelToken()
@@ -43,10 +47,11 @@ class JobManager:
                     status.history.append({"step": float(event.step), **event.metrics})
 
         def run() -> None:
-            with self._lock:
-                status.state = "running"
             try:
-                result = fn(on_progress, token)
+                with gate(token) if gate is not None else nullcontext():
+                    with self._lock:
+                        status.state = "running"
+                    result = fn(on_progress, token)
                 state, message = "done", "finished"
             except CancelledError:
                 result, state, message = None, "cancelled", "cancelled by the user"

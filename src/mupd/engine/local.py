@@ -27,7 +27,7 @@ from .api import (
     TranslateRequest,
     TranslateResult,
 )
-from .jobs import JobManager
+from .jobs import JobFunction, JobManager
 
 
 def pick_device(preference: str = "auto") -> str:
@@ -113,9 +113,17 @@ class LocalEngine:
     def translate(self, request: TranslateRequest, progress: Optional[ProgressCallback] = None,
                   cancel: Optional[CancelToken] = None) -> TranslateResult:
         from ..io import open_slide
+
+        with open_slide(request.slide_path, mpp=request.slide_mpp) as slide:
+            return self.translate_slide(slide, request, progress, cancel)
+
+    def translate_slide(self, slide: Any, request: TranslateRequest,
+                        progress: Optional[ProgressCallback] = None,
+                        cancel: Optional[CancelToken] = None) -> TranslateResult:
+        """`translate` on an opened slide, or an in-memory region (slides.ArraySlide)."""
         from ..slides import RegionTranslator, write_translation
 
-        with open_slide(request.slide_path, mpp=request.slide_mpp) as slide, self._lock:
+        with self._lock:
             result = RegionTranslator(self._pipeline)(
                 slide, request.stains, box=request.box, polygon=request.polygon,
                 steps=request.steps, guidance=request.guidance, seed=request.seed,
@@ -154,7 +162,8 @@ class LocalEngine:
                               used_genes=list(used), seconds=time.perf_counter() - start)
 
     # -- fine-tuning jobs ------------------------------------------------------------------
-    def start_finetune(self, request: FinetuneRequest) -> JobStatus:
+    def finetune_job(self, request: FinetuneRequest) -> JobFunction:
+        """The work of one fine-tune, for whichever scheduler runs it (this engine, the server)."""
         from ..train.finetune import run_finetune
 
         if request.base_model is None:
@@ -165,7 +174,10 @@ class LocalEngine:
             self.registry.add(str(out))
             return str(out)
 
-        return self.jobs.submit(job)
+        return job
+
+    def start_finetune(self, request: FinetuneRequest) -> JobStatus:
+        return self.jobs.submit(self.finetune_job(request))
 
     def job_status(self, job_id: str) -> JobStatus:
         return self.jobs.status(job_id)

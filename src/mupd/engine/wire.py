@@ -1,0 +1,210 @@
+"""How engine requests and results travel over HTTP: JSON, and npz for arrays; never pickle.
+
+An npz body is an uncompressed zip of `.npy` members plus one `__meta__` member holding UTF-8
+JSON (as a uint8 array). It is read with `allow_pickle=False`, and the members' declared sizes
+are checked before anything is inflated, so a crafted archive cannot expand past the limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import zipfile
+from typing import Any, Optional, TypeVar
+
+import numpy as np
+
+from ..errors import MuPDError
+from .api import GenerateRequest, GenerateResult, StainLayer, TranslateRequest, TranslateResult
+
+NPZ_MEDIA_TYPE = "application/x-npz"
+META_KEY = "__meta__"
+#: dtypes accepted from the wire (object / void dtypes would need pickle or are meaningless here).
+ALLOWED_DTYPES = {"uint8", "uint16", "float32", "float64", "int32", "int64", "bool"}
+
+T = TypeVar("T")
+
+
+class WireError(MuPDError):
+    """A payload that is not a valid MuPD message (bad JSON, bad npz, wrong fields or arrays)."""
+
+
+# -- plain dataclasses <-> JSON ---------------------------------------------------------------
+def to_json(obj: Any) -> dict[str, Any]:
+    """A dataclass without array fields as a JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def from_json(cls: type[T], data: Any, what: Optional[str] = None) -> T:
+    """Build `cls` from a dict, naming unknown or missing fields instead of a TypeError."""
+    what = what or cls.__name__
+    if not isinstance(data, dict):
+        raise WireError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise WireError(f"{what}: unknown field(s) {', '.join(unknown)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise WireError(f"{what}: missing field(s) {', '.join(missing)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # pragma: no cover - fields were checked above
+        raise WireError(f"{what}: {exc}") from None
+
+
+# -- npz ------------------------------------------------------------------------------------
+def encode_npz(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """JSON metadata plus named arrays in one uncompressed npz body."""
+    if META_KEY in arrays:
+        raise ValueError(f"array name {META_KEY!r} is reserved")
+    for name, a in arrays.items():
+        if a.dtype.name not in ALLOWED_DTYPES:
+            raise ValueError(f"array {name!r} has dtype {a.dtype}, which the wire does not carry")
+    buf = io.BytesIO()
+    meta_bytes = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    np.savez(buf, **{META_KEY: meta_bytes}, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def decode_npz(body: bytes, max_bytes: Optional[int] = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, arrays) from an npz body; raises WireError for anything that is not one."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as zf:
+            members = zf.infolist()
+            total = sum(m.file_size for m in members)
+            if max_bytes is not None and total > max_bytes:
+                raise WireError(
+                    f"npz payload inflates to {total} bytes, more than the limit of {max_bytes}")
+            if any(not m.filename.endswith(".npy") for m in members):
+                raise WireError("npz payload holds members that are not .npy arrays")
+    except zipfile.BadZipFile:
+        raise WireError("payload is not an npz (zip) archive") from None
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as exc:  # object arrays need pickle: refused
+        raise WireError(f"npz payload refused: {exc}") from None
+    except Exception as exc:
+        raise WireError(f"npz payload could not be read: {type(exc).__name__}: {exc}") from None
+    if META_KEY not in arrays:
+        raise WireError(f"npz payload lacks its {META_KEY!r} JSON member")
+    try:
+        meta = json.loads(arrays.pop(META_KEY).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"npz {META_KEY!r} member is not UTF-8 JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise WireError(f"npz {META_KEY!r} member must be a JSON object")
+    for name, a in arrays.items():
+        if a.dtype.name not in ALLOWED_DTYPES:
+            raise WireError(f"array {name!r} has dtype {a.dtype}, which is not accepted")
+    return meta, arrays
+
+
+# -- requests -------------------------------------------------------------------------------
+def encode_generate_request(req: GenerateRequest) -> bytes:
+    meta = {f.name: getattr(req, f.name) for f in dataclasses.fields(req) if f.name != "reference"}
+    arrays = {} if req.reference is None else {"reference": np.asarray(req.reference)}
+    return encode_npz(meta, arrays)
+
+
+def decode_generate_request(body: bytes, max_bytes: Optional[int] = None) -> GenerateRequest:
+    meta, arrays = decode_npz(body, max_bytes)
+    extra = sorted(set(arrays) - {"reference"})
+    if extra:
+        raise WireError(f"GenerateRequest: unexpected array(s) {', '.join(extra)}")
+    req = from_json(GenerateRequest, meta)
+    if "reference" in meta:
+        raise WireError("GenerateRequest: send 'reference' as an npz array, not in the JSON")
+    req.reference = arrays.get("reference")
+    return req
+
+
+def encode_region_upload(req: TranslateRequest, image: np.ndarray, mpp: float) -> bytes:
+    """A translate request whose source is an uploaded (H, W, 3) uint8 region at `mpp` um/px.
+
+    The region is translated as a whole; results come back placed in the upload's own frame
+    (top-left pixel at the origin) for the client to place over its slide.
+    """
+    meta = to_json(req)
+    meta["upload_mpp"] = float(mpp)
+    return encode_npz(meta, {"image": np.asarray(image)})
+
+
+def decode_region_upload(body: bytes, max_bytes: Optional[int] = None
+                         ) -> tuple[TranslateRequest, np.ndarray, float]:
+    meta, arrays = decode_npz(body, max_bytes)
+    if set(arrays) != {"image"}:
+        raise WireError(f"translate upload: expected exactly one array 'image', got {sorted(arrays)}")
+    image = arrays["image"]
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+        raise WireError(f"translate upload: 'image' must be (H, W, 3) uint8 RGB, got "
+                        f"{image.shape} {image.dtype}")
+    mpp = meta.pop("upload_mpp", None)
+    if not isinstance(mpp, (int, float)) or not mpp > 0:
+        raise WireError(f"translate upload: 'upload_mpp' must be a positive number, got {mpp!r}")
+    meta.setdefault("slide_path", "<upload>")
+    return translate_request_from_json(meta), image[..., :3], float(mpp)
+
+
+def translate_request_from_json(data: Any) -> TranslateRequest:
+    req = from_json(TranslateRequest, data)
+    try:
+        if req.box is not None:
+            if len(req.box) != 4:
+                raise ValueError
+            req.box = tuple(int(v) for v in req.box)
+    except (TypeError, ValueError):
+        raise WireError(f"TranslateRequest: box must be [x, y, width, height], got {req.box!r}") from None
+    try:
+        if req.polygon is not None:
+            req.polygon = [(float(x), float(y)) for x, y in req.polygon]
+    except (TypeError, ValueError):
+        raise WireError("TranslateRequest: polygon must be a list of [x, y] points") from None
+    if not isinstance(req.stains, list) or not all(isinstance(s, str) for s in req.stains):
+        raise WireError(f"TranslateRequest: stains must be a list of names, got {req.stains!r}")
+    return req
+
+
+# -- results --------------------------------------------------------------------------------
+def encode_generate_result(res: GenerateResult) -> bytes:
+    meta = {"missing_genes": res.missing_genes, "used_genes": res.used_genes, "seconds": res.seconds}
+    return encode_npz(meta, {"images": np.asarray(res.images)})
+
+
+def decode_generate_result(body: bytes) -> GenerateResult:
+    meta, arrays = decode_npz(body)
+    return GenerateResult(images=arrays["images"], **meta)
+
+
+def encode_translate_result(res: TranslateResult) -> bytes:
+    layers = []
+    for layer in res.layers:
+        entry = to_json(dataclasses.replace(layer, data=None))
+        entry.pop("data")
+        layers.append(entry)
+    meta = {"layers": layers, "output_path": res.output_path, "n_tiles": res.n_tiles,
+            "seconds": res.seconds}
+    arrays = {f"layer{i}": np.asarray(l.data) for i, l in enumerate(res.layers)}
+    return encode_npz(meta, arrays)
+
+
+def decode_translate_result(body: bytes) -> TranslateResult:
+    meta, arrays = decode_npz(body)
+    layers = []
+    for i, entry in enumerate(meta.pop("layers")):
+        entry["scale_um"] = tuple(entry["scale_um"])
+        entry["translate_um"] = tuple(entry["translate_um"])
+        layers.append(StainLayer(data=arrays[f"layer{i}"], **entry))
+    return TranslateResult(layers=layers, **meta)
+
+
+__all__ = [
+    "NPZ_MEDIA_TYPE", "WireError", "to_json", "from_json", "encode_npz", "decode_npz",
+    "encode_generate_request", "decode_generate_request", "encode_region_upload",
+    "decode_region_upload", "encode_generate_result", "decode_generate_result",
+    "encode_translate_result", "decode_translate_result",
+]
