@@ -101,7 +101,7 @@ def open_ome_zarr(path: Path, mpp: MppLike = None) -> Slide:
         except KeyError:
             raise SlideError(f"{path}: pyramid level '{ds['path']}' listed in the metadata is missing") from None
         select, order = _to_yxc(axes)
-        levels.append(_dask_yxc(da.from_zarr(arr), select, order, axes))
+        levels.append(_dask_yxc(da.from_zarr(arr, chunks=arr.chunks), select, order, axes))
         readers.append(_reader(arr, axes))
     n_channels = int(levels[0].shape[2])
     omero = ome.get("omero", {}).get("channels", [])

@@ -73,7 +73,7 @@ def _build(ts, path: Path, user_mpp: MppLike) -> Slide:
     levels, readers = [], []
     for i in range(ts.level_count):
         arr = group[str(i)]
-        levels.append(_as_yxc(da.from_zarr(arr), axes, arr.chunks))
+        levels.append(_as_yxc(da.from_zarr(arr, chunks=arr.chunks), axes))
         readers.append(_reader(ts, i, axes))
 
     n_channels = int(levels[0].shape[2])
@@ -123,7 +123,7 @@ def _check_complete(series: tifffile.TiffPageSeries, path: Path) -> None:
                                  f"{size}; copy or download it again")
 
 
-def _as_yxc(arr: da.Array, axes: str, file_chunks: tuple[int, ...]) -> da.Array:
+def _as_yxc(arr: da.Array, axes: str) -> da.Array:
     if axes == "YXS":
         out = arr
     elif axes == "CYX":
@@ -132,8 +132,8 @@ def _as_yxc(arr: da.Array, axes: str, file_chunks: tuple[int, ...]) -> da.Array:
         out = arr[..., None]
     else:
         raise SlideError(f"unsupported TIFF axes {axes!r}")
-    rows = out.chunks[0][0]
-    if rows < 256 and out.shape[0] > rows:  # strips: group into ~512-row chunks on strip boundaries
+    rows, cols = out.chunks[0][0], out.chunks[1][0]
+    if cols == out.shape[1] and rows < 256 and out.shape[0] > rows:  # strips: ~512-row chunks on strip boundaries
         out = out.rechunk({0: max(rows, (STRIP_CHUNK_ROWS // rows) * rows)})
     return out
 

@@ -1,0 +1,152 @@
+"""open_slide on every real slide we have: levels, chunking, mpp, channels, pixels vs tiffslide."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tiffslide
+
+from mupd.io import open_slide
+from io_fixtures import quiet_open, sample_svs  # noqa: F401  (fixture)
+
+CMU = "wsi/CMU-1-Small-Region.svs"
+TCGA = "wsi/TCGA-CR-7395-01A-01-TS1.svs"
+DERIVED = ["wsi/derived/CMU-1-Small-Region.pyramid.ome.tif", "wsi/derived/CMU-1-Small-Region.pyramid.generic.tif"]
+
+
+def _assert_lazy_tiled(slide, tile_limit: int = 1024) -> None:
+    for level in slide.levels:
+        assert level.ndim == 3 and level.shape[2] == len(slide.channel_names)
+        assert level.numblocks[0] * level.numblocks[1] > 1 or max(level.shape[:2]) <= tile_limit
+        assert max(level.chunksize[:2]) <= max(tile_limit, level.chunksize[1] if slide.format == "qptiff" else 0)
+
+
+def _compare_with_tiffslide(path, slide, rng) -> None:
+    ts = tiffslide.TiffSlide(str(path))
+    W, H = slide.dimensions
+    for _ in range(3):
+        w, h = rng.integers(64, 700, 2)
+        x, y = rng.integers(0, W - w), rng.integers(0, H - h)
+        ours = slide.read_region((x, y), (w, h))
+        ref = ts.read_region((x, y), 0, (w, h), as_array=True)
+        assert ours.shape == (h, w, 3)
+        np.testing.assert_array_equal(ours, ref)
+    ts.close()
+
+
+def test_cmu_svs(shared_data):
+    with open_slide(shared_data / CMU) as s:
+        assert s.format == "svs" and s.is_rgb and s.channel_names == ["R", "G", "B"]
+        assert s.dimensions == (2220, 2967) and len(s.levels) == 1
+        assert s.levels[0].shape == (2967, 2220, 3) and s.dtype == np.uint8
+        file_chunks = tiffslide.TiffSlide(str(shared_data / CMU)).zarr_group["0"].chunks
+        assert s.levels[0].chunksize == tuple(file_chunks) and s.levels[0].npartitions > 20
+        assert s.mpp == (0.499, 0.499) and s.mpp_known and s.objective_power == 20
+        assert {"thumbnail", "label", "macro"} <= set(s.associated_images)
+        assert s.associated_images["macro"].ndim == 3
+        _compare_with_tiffslide(shared_data / CMU, s, np.random.default_rng(0))
+
+
+def test_tcga_jpeg2000_svs_without_mpp(shared_data):
+    with pytest.warns(UserWarning, match="TCGA-CR-7395.*no pixel size"):
+        s = open_slide(shared_data / TCGA)
+    with s:
+        assert s.mpp is None and not s.mpp_known and s.objective_power is None
+        assert s.level_dimensions == [(4443, 3567), (2221, 1783)]
+        assert s.level_downsamples[1] == pytest.approx(2.0, rel=1e-3)
+        assert all(lv.chunksize == (256, 256, 3) for lv in s.levels)
+        _compare_with_tiffslide(shared_data / TCGA, s, np.random.default_rng(1))
+    with open_slide(shared_data / TCGA, mpp=0.5) as s:  # the user's value is accepted, no warning
+        assert s.mpp == (0.5, 0.5) and s.mpp_known
+
+
+def test_user_mpp_overrides_file(shared_data):
+    with open_slide(shared_data / CMU, mpp=(0.25, 0.26)) as s:
+        assert s.mpp == (0.25, 0.26)
+
+
+@pytest.mark.parametrize("name", DERIVED)
+def test_derived_pyramids(shared_data, name):
+    with open_slide(shared_data / name) as s:
+        assert s.format == ("ome-tiff" if ".ome." in name else "tiff")
+        assert s.level_dimensions == [(2220, 2967), (1110, 1483), (555, 741)]
+        assert s.mpp == pytest.approx((0.499, 0.499)) and s.is_rgb
+        assert all(lv.chunksize == (256, 256, 3) for lv in s.levels)
+        _compare_with_tiffslide(shared_data / name, s, np.random.default_rng(2))
+        # the derived pyramid holds the SVS pixels (re-encoded as JPEG): close, not equal
+        with open_slide(shared_data / CMU) as svs:
+            a = s.read_region((500, 700), (256, 256)).astype(int)
+            b = svs.read_region((500, 700), (256, 256)).astype(int)
+        assert np.abs(a - b).mean() < 6
+
+
+def test_qptiff_fluorescence(shared_data):
+    with open_slide(shared_data / "mif/small_vectra.qptiff") as s:
+        assert s.format == "qptiff" and not s.is_rgb
+        assert s.channel_names == ["DAPI", "FITC", "Cy3"]
+        assert s.channel_colors[0] == "0000FF"
+        assert s.levels[0].shape == (1440, 1920, 3) and s.dtype == np.uint8
+        assert s.mpp == (0.5, 0.5)
+        lv = s.levels[0]
+        assert lv.numblocks[0] > 1 and lv.chunksize[2] == 1  # strips grouped, one channel per chunk
+        import tifffile
+
+        planes = tifffile.imread(shared_data / "mif/small_vectra.qptiff", series=0)
+        np.testing.assert_array_equal(s.read_region((100, 50), (400, 300)),
+                                      np.moveaxis(planes[:, 50:350, 100:500], 0, -1))
+
+
+def test_her2st_jpeg_is_lazy_and_chunked(shared_data, monkeypatch):
+    from mupd.io import plain_image
+
+    decodes = []
+    real = plain_image._DecodedImage._pil
+    monkeypatch.setattr(plain_image._DecodedImage, "_pil", lambda self: decodes.append(1) or real(self))
+    path = shared_data / "st/her2st/images/C2_HE.jpg"
+    with pytest.warns(UserWarning, match="C2_HE.jpg"):
+        s = open_slide(path)
+    assert s.format == "image" and s.is_rgb and s.mpp is None
+    assert s.levels[0].shape[:2] == (9911, 9274)  # ~92 Mpx: beyond PIL's default bomb limit
+    assert s.levels[0].chunksize == (512, 512, 3)
+    assert s.levels[-1].shape[0] <= 1024 and len(s.levels) >= 4
+    assert decodes == []  # opening and building the pyramid decoded nothing
+    tile = s.levels[0][4096:4608, 4096:4608].compute()
+    s.levels[2][:512, :512].compute()
+    assert len(decodes) == 1  # decoded once, then reused by every chunk and level
+    from PIL import Image
+
+    with pytest.warns(Image.DecompressionBombWarning), Image.open(path) as im:  # reference: PIL directly
+        ref = np.asarray(im.convert("RGB").crop((4096, 4096, 4608, 4608)))
+    np.testing.assert_array_equal(tile, ref)
+
+
+def test_a1_png_with_user_mpp(shared_data):
+    with open_slide(shared_data / "st/her2st/images/A1_HE_lowres_masked.png", mpp=3.2) as s:
+        assert s.dimensions == (2000, 2138) and s.mpp == (3.2, 3.2)
+        out = s.read_region((0, 0), (2000, 2000), mpp=6.4)
+        assert out.shape == (1000, 1000, 3)
+        full = s.read_region((0, 0), (2000, 2000))
+        assert abs(float(out.mean()) - float(full.mean())) < 1.0
+
+
+def test_sample_slide_region_and_mpp_resampling(sample_svs):
+    with open_slide(sample_svs) as s:
+        assert s.dimensions == (2220, 2967) and s.mpp == (0.499, 0.499)
+        out = s.read_region((200, 300), (1000, 600), mpp=1.0)
+        assert out.shape == (round(600 * 0.499), round(1000 * 0.499), 3)
+        full = s.read_region((200, 300), (1000, 600))
+        assert abs(float(out.astype(float).mean()) - float(full.astype(float).mean())) < 1.5
+        thumb = s.thumbnail(300)
+        assert max(thumb.shape[:2]) == 300 and thumb.shape[2] == 3
+        ts = tiffslide.TiffSlide(str(sample_svs))
+        np.testing.assert_array_equal(s.read_region((1000, 1000), (512, 512)),
+                                      ts.read_region((1000, 1000), 0, (512, 512), as_array=True))
+
+
+def test_mpp_read_uses_coarser_level(shared_data):
+    with open_slide(shared_data / DERIVED[0]) as s:
+        assert s.best_level_for_downsample(4.1) == 2 and s.best_level_for_downsample(1.9) == 0
+        out = s.read_region((0, 0), (2000, 2000), mpp=0.499 * 4)
+        assert out.shape == (500, 500, 3)
+        ref = s.levels[2][:500, :500].compute()
+        assert np.abs(out.astype(int) - ref.astype(int)).mean() < 3
