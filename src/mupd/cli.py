@@ -18,6 +18,7 @@ from .errors import MuPDError
 COMMAND_MODULES: list[str] = [
     "mupd.commands.stain",
     "mupd.commands.generate",
+    "mupd.train.commands",
 ]
 
 
