@@ -1,0 +1,81 @@
+"""`train(config)`: a full training run from a config, ending in a complete model folder.
+
+Run folder layout: `config.json` (as resolved), `checkpoints/step-*`, `train_log.csv`, and
+`model/` (EMA weights via `save_pretrained`, plus MODEL_CARD.md) once training is done.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..errors import ModelError, OutputExistsError
+from ..progress import CancelToken, ProgressCallback
+from .batches import Sample
+from .card import write_model_card
+from .checkpoint import CheckpointManager
+from .config import ModelSection, TrainConfig, dump_config
+from .trainer import Trainer, TrainResult
+
+
+def load_pipeline(model: ModelSection) -> Any:
+    from ..pipeline import MuPDPipeline
+
+    if model.base:
+        if not Path(model.base).is_dir():
+            raise ModelError(f"model.base {model.base} is not a model folder")
+        return MuPDPipeline.from_pretrained(model.base)
+    return MuPDPipeline.from_config_name(model.name, **model.overrides)
+
+
+def training_samples(config: TrainConfig, pipeline: Any) -> tuple[Sequence[Sample], str, str]:
+    """(samples, data description, split description) for the config's data section."""
+    from .folders import HE_FOLDERS, load_folder
+
+    store = Path(config.data.store)
+    folder_like = any((store / n).is_dir() for n in HE_FOLDERS) or (store / "captions.csv").is_file() \
+        or any(store.glob("*.h5ad"))
+    if folder_like:
+        data = load_folder(store, int(pipeline.tile_size), pipeline.rna_tokenizer)
+        return data.samples, f"Folder `{store}` ({data.kind}): {data.summary}.", "all of the folder"
+    from .store import store_samples
+
+    return store_samples(config.data, pipeline)
+
+
+def _check_output(run_dir: Path, resume: bool) -> None:
+    if (run_dir / "model").exists():
+        raise OutputExistsError(f"{run_dir / 'model'} already exists: this run finished; "
+                                f"choose another output folder")
+    if not resume and CheckpointManager(run_dir / "checkpoints").latest() is not None:
+        raise OutputExistsError(f"{run_dir} holds checkpoints of an earlier run; pass --resume "
+                                f"to continue it or choose another output folder")
+
+
+def train(config: TrainConfig, resume: bool = False, progress: Optional[ProgressCallback] = None,
+          cancel: Optional[CancelToken] = None, command: str = "") -> TrainResult:
+    """Train per `config`; with `resume`, continue from the newest checkpoint if there is one."""
+    run_dir = Path(config.output)
+    _check_output(run_dir, resume)
+    pipeline = load_pipeline(config.model)
+    samples, data_text, split_text = training_samples(config, pipeline)
+    trainer = Trainer(pipeline, samples, config.optim, config.checkpoint, run_dir,
+                      num_workers=config.data.num_workers, log_every=config.log_every)
+    if trainer.accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.json")
+    result = trainer.fit(resume=resume, progress=progress, cancel=cancel)
+    trainer.apply_ema()
+    if trainer.accelerator.is_main_process:
+        model_dir = run_dir / "model"
+        pipeline.save_pretrained(model_dir)
+        write_model_card(
+            model_dir, how="trained", data=data_text, split=split_text,
+            command=command or " ".join(sys.argv), base=config.model.base or f"config {config.model.name!r} (fresh weights)",
+            config=config.to_dict(), result=result, optim=config.optim, n_samples=len(samples),
+            tile_size=int(pipeline.tile_size), mpp=float(pipeline.mpp),
+            targets=config.data.targets,
+            weights="EMA of the trained weights" if config.optim.ema_decay > 0 else "last step")
+    trainer.accelerator.wait_for_everyone()
+    return result
