@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "mupd.commands.stain",
     "mupd.commands.generate",
     "mupd.train.commands",
+    "mupd.engine.server",
 ]
 
 
