@@ -39,7 +39,7 @@ def _write_tiff(target: Path, levels: list[da.Array], mpp: tuple[float, float], 
                 colors: list[Optional[str]], metadata: Optional[dict], name: str) -> None:
     """The inner write (separate so that a failure inside it is what atomicity is tested against)."""
     rgb = names == ["R", "G", "B"] and levels[0].dtype == np.uint8
-    h0, w0, c = levels[0].shape
+    c = levels[0].shape[2]
     ome: dict = {"axes": "YXS" if rgb else "CYX", "PhysicalSizeX": mpp[0], "PhysicalSizeXUnit": "µm",
                  "PhysicalSizeY": mpp[1], "PhysicalSizeYUnit": "µm", "Name": name}
     if not rgb:
@@ -55,7 +55,7 @@ def _write_tiff(target: Path, levels: list[da.Array], mpp: tuple[float, float], 
         for i, lv in enumerate(levels):
             h, w = lv.shape[:2]
             shape = (h, w, c) if rgb else (c, h, w)
-            res = (1e4 / (mpp[0] * (w0 / w)), 1e4 / (mpp[1] * (h0 / h)))
+            res = (1e4 / (mpp[0] * 2**i), 1e4 / (mpp[1] * 2**i))  # exact 2**i blocks of level 0
             extra = {"subifds": len(levels) - 1, "metadata": ome} if i == 0 else {"subfiletype": 1}
             tw.write(_tiles(lv, planes=not rgb), shape=shape, resolution=res, **options, **extra)
 

@@ -32,9 +32,8 @@ def _write_pyramid(target: Path, levels: list[da.Array], mpp: tuple[float, float
     rgb = names == ["R", "G", "B"] and levels[0].dtype == np.uint8
     chunk_c = levels[0].shape[2] if rgb else 1  # RGB tiles whole; fluorescence one channel per chunk
     pyramid = [lv.transpose(2, 0, 1).rechunk((chunk_c, TILE, TILE)) for lv in levels]
-    h0, w0 = levels[0].shape[:2]
-    transforms = [[{"type": "scale", "scale": [1.0, mpp[1] * (h0 / lv.shape[0]), mpp[0] * (w0 / lv.shape[1])]}]
-                  for lv in levels]
+    # level i pixels are exact 2**i x 2**i blocks of level 0 (odd edges trimmed)
+    transforms = [[{"type": "scale", "scale": [1.0, mpp[1] * 2**i, mpp[0] * 2**i]}] for i in range(len(levels))]
     axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": "micrometer"},
             {"name": "x", "type": "space", "unit": "micrometer"}]
     with warnings.catch_warnings():  # explicit per-level scales are what NGFF stores; keep them exact

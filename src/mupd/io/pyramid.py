@@ -54,7 +54,9 @@ def check_mpp(mpp, what: str) -> tuple[float, float]:
 
 
 def build_pyramid(image: da.Array, n_levels: Optional[int]) -> list[da.Array]:
-    """Level 0 and its 2x mean reductions (odd edges trimmed); `n_levels` None: until <= MIN_LEVEL_SIZE."""
+    """Level 0 and its 2x mean reductions: level i pixels are 2**i blocks (odd edge trimmed).
+
+    `n_levels` None: halve until the longer side is <= MIN_LEVEL_SIZE."""
     if n_levels is not None and int(n_levels) < 1:
         raise MuPDError(f"n_levels must be >= 1, got {n_levels}")
     levels = [image]

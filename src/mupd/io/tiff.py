@@ -16,7 +16,7 @@ import dask.array as da
 import numpy as np
 import tifffile
 
-from ..errors import SlideError
+from ..errors import MuPDError, SlideError
 from .slide import MppLike, Slide
 
 #: Strip-based pages (no tiles) are grouped into dask chunks of about this many rows.
@@ -40,24 +40,34 @@ def open_tiff(path: Path, mpp: MppLike = None) -> Slide:
     import tiffslide
 
     _check_tiff_header(path)
+    ts = None
     try:
         ts = tiffslide.TiffSlide(str(path))
+        return _build(ts, path, mpp)
     except Exception as exc:
+        if ts is not None:
+            ts.close()
+        if isinstance(exc, MuPDError):
+            raise
         raise SlideError(f"cannot open {path} as a TIFF slide ({type(exc).__name__}: {exc}); "
                          "the file may be truncated or corrupt") from exc
-    try:
-        return _build(ts, path, mpp)
-    except Exception:
-        ts.close()
-        raise
 
 
 def _check_tiff_header(path: Path) -> None:
+    """Reject non-TIFF files and files cut before their first image directory, by the header alone."""
     with open(path, "rb") as fh:
-        head = fh.read(4)
-    if head[:2] not in (b"II", b"MM") or head[2:4] not in (b"*\x00", b"\x00*", b"+\x00", b"\x00+"):
-        raise SlideError(f"{path} is not a TIFF/SVS file (it starts with {head!r}, not a TIFF header); "
+        head = fh.read(16)
+    order = {b"II": "<", b"MM": ">"}.get(head[:2])
+    version = int.from_bytes(head[2:4], "little" if order == "<" else "big") if order else 0
+    if version not in (42, 43):
+        raise SlideError(f"{path} is not a TIFF/SVS file (it starts with {head[:4]!r}, not a TIFF header); "
                          "was it renamed from another format?")
+    raw = head[4:8] if version == 42 else head[8:16]
+    first_ifd = int.from_bytes(raw, "little" if order == "<" else "big")
+    size = os.path.getsize(path)
+    if len(raw) < (4 if version == 42 else 8) or first_ifd >= size:
+        raise SlideError(f"{path} is truncated: its first image directory is at byte {first_ifd} but the file "
+                         f"has {size} bytes; copy or download it again")
 
 
 def _build(ts, path: Path, user_mpp: MppLike) -> Slide:
