@@ -1,0 +1,188 @@
+"""`mupd serve` as a real subprocess: the Engine interface over HTTP, security and faults."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import httpx
+import numpy as np
+import pytest
+from skimage.data import immunohistochemistry
+
+from mupd.engine import wire
+from mupd.engine.api import GenerateRequest, TranslateRequest
+from mupd.engine.remote import AuthError, EngineUnreachableError, RemoteEngine, RemoteError
+from mupd.errors import CancelledError
+from mupd.progress import CancelToken
+from mupd.slides import ArraySlide
+from test_server_support import ServerProcess, free_port, save_tiny_model
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "mupd-tiny-test")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    proc = ServerProcess(tmp_path_factory.mktemp("server"), tiny_model, ["--max-request-mb", "2"]).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model):
+    from mupd.engine.local import LocalEngine
+
+    return LocalEngine(str(tiny_model), device="cpu")
+
+
+@pytest.fixture
+def remote(server):
+    with RemoteEngine(server.url, server.token, timeout=120) as engine:
+        yield engine
+
+
+def _region(local, size_tiles=2):
+    """A real IHC-stained region sized in model tiles, as a slide at the model's mpp."""
+    t = local.info().tile_size * size_tiles
+    return ArraySlide(immunohistochemistry()[:t, :t], mpp=local.info().mpp)
+
+
+def test_info_matches_the_local_engine(remote, local):
+    info, here = remote.info(), local.info()
+    assert info.remote and (info.tile_size, info.mpp) == (here.tile_size, here.mpp)
+    assert [t["name"] for t in info.targets] == [t["name"] for t in here.targets]
+
+
+def test_generate_equals_local_for_the_same_seed(remote, local):
+    req = GenerateRequest(text="HER2-positive invasive carcinoma", num_images=2, steps=2, seed=3)
+    got, want = remote.generate(req), local.generate(req)
+    assert got.images.shape == want.images.shape
+    assert np.abs(got.images.astype(int) - want.images.astype(int)).max() <= 1
+
+
+def test_translate_upload_equals_local_and_is_placed_over_the_slide(remote, local, tmp_path, server):
+    slide = _region(local)
+    marker = next(t["name"] for t in local.info().targets if t["kind"] == "marker")
+    req = TranslateRequest(slide_path="roi", stains=[marker], seed=1)
+    body = wire.encode_region_upload(req, slide.image, slide.mpp[0])
+    r = httpx.post(f"{server.url}/translate", content=body, timeout=120,
+                   headers={**server.headers, "Content-Type": wire.NPZ_MEDIA_TYPE})
+    assert r.status_code == 200, r.text
+    got = wire.decode_translate_result(r.content)
+    want = local.translate_slide(slide, req)
+    assert [l.name for l in got.layers] == [l.name for l in want.layers]
+    for g, w in zip(got.layers, want.layers):
+        assert g.data.shape == w.data.shape
+        assert np.allclose(g.data.astype(float), w.data.astype(float), atol=1.01)
+        assert g.translate_um == w.translate_um
+
+
+def test_slide_paths_are_confined_to_the_slide_roots(server, tmp_path):
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"x")
+    link = server.root / "slides" / "escape.png"
+    link.symlink_to(outside)
+    for path in ["../../etc/passwd", str(outside), "escape.png"]:
+        r = httpx.post(f"{server.url}/translate", headers=server.headers, timeout=30,
+                       json={"slide_path": path, "stains": ["HER2"]})
+        assert r.status_code == 403, (path, r.text)
+        assert "outside the folders" in r.json()["detail"]
+    r = httpx.post(f"{server.url}/translate", headers=server.headers, timeout=30,
+                   json={"slide_path": "missing.svs", "stains": ["HER2"]})
+    assert r.status_code == 404 and "missing.svs" in r.json()["detail"]
+    r = httpx.post(f"{server.url}/models/load", headers=server.headers, json={"path": "/etc"}, timeout=30)
+    assert r.status_code == 403
+
+
+def test_wrong_or_missing_token_is_refused_and_never_logged(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": server.token}):
+        assert httpx.get(f"{server.url}/info", headers=headers, timeout=10).status_code == 401
+    with pytest.raises(AuthError, match="refused the token") as err:
+        RemoteEngine(server.url, "not-the-token").info()
+    assert "not-the-token" not in str(err.value)
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200  # unauthenticated
+    assert server.token not in server.log.read_text()
+
+
+def test_malformed_payloads_get_422_with_a_reason(server):
+    h = {**server.headers, "Content-Type": wire.NPZ_MEDIA_TYPE}
+    cases = [
+        ("/translate", b"not an npz", h, "not an npz"),
+        ("/generate", b"PK\x03\x04 broken zip", h, "npz"),
+        ("/translate", b"{not json", {**server.headers, "Content-Type": "application/json"}, "JSON"),
+        ("/translate", b"x", {**server.headers, "Content-Type": "text/plain"}, "application/json"),
+        ("/jobs/finetune", b'{"data_dir": "d"}', {**server.headers, "Content-Type": "application/json"},
+         "missing field"),
+    ]
+    for path, body, headers, reason in cases:
+        r = httpx.post(f"{server.url}{path}", content=body, headers=headers, timeout=30)
+        assert r.status_code == 422, (path, r.text)
+        assert reason in r.json()["detail"]
+    r = httpx.post(f"{server.url}/generate", headers=h, timeout=30,
+                   content=wire.encode_generate_request(GenerateRequest(stain="Nonexistium", steps=1,
+                                                                        num_images=1)))
+    assert r.status_code == 400 and "Nonexistium" in r.json()["detail"]
+    assert server.alive()
+
+
+def test_oversized_payloads_get_413(server):
+    big = b"\0" * (3 * 2**20)
+    r = httpx.post(f"{server.url}/translate", content=big, timeout=30,
+                   headers={**server.headers, "Content-Type": wire.NPZ_MEDIA_TYPE})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: counted while streaming
+        for _ in range(6):
+            yield b"\0" * 2**19
+
+    r = httpx.post(f"{server.url}/translate", content=chunks(), timeout=30,
+                   headers={**server.headers, "Content-Type": wire.NPZ_MEDIA_TYPE})
+    assert r.status_code == 413
+    r = httpx.post(f"{server.url}/generate", timeout=30,
+                   headers={**server.headers, "Content-Type": wire.NPZ_MEDIA_TYPE},
+                   content=wire.encode_generate_request(GenerateRequest(num_images=10_000)))
+    assert r.status_code == 413 and "num_images" in r.json()["detail"]
+    assert server.alive()
+
+
+def test_client_disconnecting_mid_request_leaves_the_server_serving(server, remote, local):
+    body = wire.encode_generate_request(GenerateRequest(num_images=4, steps=50, seed=1))
+    head = (f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.token}\r\n"
+            f"Content-Type: {wire.NPZ_MEDIA_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(head + body)
+        threading.Event().wait(1.0)  # the server is now sampling; hang up on it
+    deadline = 60
+    while deadline > 0 and httpx.get(f"{server.url}/health", timeout=5).json()["device"]["running"]:
+        threading.Event().wait(0.5)
+        deadline -= 0.5
+    assert httpx.get(f"{server.url}/health", timeout=5).json()["device"]["running"] is None
+    assert "client went away" in server.log.read_text()
+    got = remote.generate(GenerateRequest(num_images=1, steps=2, seed=9))
+    assert got.images.shape[0] == 1
+
+
+def test_cancelling_a_remote_call_stops_it(remote):
+    token = CancelToken()
+    threading.Timer(1.0, token.cancel).start()
+    events = []
+    with pytest.raises(CancelledError):
+        remote.generate(GenerateRequest(num_images=4, steps=200), progress=events.append, cancel=token)
+    assert remote.generate(GenerateRequest(num_images=1, steps=1)).images.shape[0] == 1
+
+
+def test_unreachable_engine_names_the_url():
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(EngineUnreachableError, match=url.replace(".", r"\.")):
+        RemoteEngine(url, "t", timeout=5).info()
+
+
+def test_unknown_job_is_404(remote):
+    with pytest.raises(RemoteError, match="no fine-tune job") as err:
+        remote.job_status("0123456789ab")
+    assert err.value.status_code == 404
