@@ -20,6 +20,7 @@ COMMAND_MODULES: list[str] = [
     "mupd.commands.generate",
     "mupd.train.commands",
     "mupd.engine.server",
+    "mupd.eval.command",
 ]
 
 
