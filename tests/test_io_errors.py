@@ -8,7 +8,7 @@ import pytest
 
 from mupd.errors import RegionError, SlideError
 from mupd.io import open_slide
-from io_fixtures import sample_svs  # noqa: F401  (fixture)
+from test_io_support import sample_svs  # noqa: F401  (fixture)
 
 
 def test_missing_path(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import tiffslide
 
 from mupd.io import open_slide
-from io_fixtures import quiet_open, sample_svs  # noqa: F401  (fixture)
+from test_io_support import quiet_open, sample_svs  # noqa: F401  (fixture)
 
 CMU = "wsi/CMU-1-Small-Region.svs"
 TCGA = "wsi/TCGA-CR-7395-01A-01-TS1.svs"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import tifffile
 from mupd.errors import OutputExistsError
 from mupd.io import open_slide, write_ome_tiff, write_ome_zarr
 from mupd.io import ometiff, omezarr
-from io_fixtures import sample_svs  # noqa: F401  (fixture)
+from test_io_support import sample_svs  # noqa: F401  (fixture)
 
 WRITERS = {"zarr": (write_ome_zarr, "x.ome.zarr", omezarr, "_write_pyramid"),
            "tiff": (write_ome_tiff, "x.ome.tif", ometiff, "_write_tiff")}
@@ -126,3 +127,27 @@ def test_bad_writer_inputs_name_the_problem(tmp_path, rgb_crop):
     with pytest.raises(MuPDError, match="hex"):
         write_ome_tiff(tmp_path / "a.ome.tif", rgb_crop, mpp=1, colors=["red", "00FF00", "0000FF"])
     assert os.listdir(tmp_path) == []
+
+
+def test_reads_ngff_v04_written_by_ome_zarr(tmp_path, fluorescence):
+    """A zarr-v2 / NGFF 0.4 image as other tools write it (t, c, z, y, x, no omero): still opens."""
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_multiscale
+
+    image = fluorescence[0].compute()
+    tczyx = np.moveaxis(image, -1, 0)[None, :, None]
+    group = zarr.open_group(str(tmp_path / "v04.zarr"), mode="w", zarr_format=2)
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
+            {"name": "z", "type": "space", "unit": "micrometer"},
+            {"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
+    with warnings.catch_warnings():  # ome-zarr deprecates explicit transforms; other writers still emit them
+        warnings.simplefilter("ignore", DeprecationWarning)
+        write_multiscale([tczyx, tczyx[..., ::2, ::2]], group, fmt=FormatV04(), axes=axes,
+                         coordinate_transformations=[[{"type": "scale", "scale": [1, 1, 1, 0.5, 0.5]}],
+                                                     [{"type": "scale", "scale": [1, 1, 1, 1.0, 1.0]}]])
+    with open_slide(tmp_path / "v04.zarr") as s:
+        assert s.format == "ome-zarr" and s.mpp == (0.5, 0.5) and len(s.levels) == 2
+        assert s.channel_names == ["channel 0", "channel 1", "channel 2"]
+        np.testing.assert_array_equal(s.read_region((5, 6), (100, 80)), image[6:86, 5:105])
+        np.testing.assert_array_equal(s.levels[1].compute(), image[::2, ::2])

@@ -93,13 +93,13 @@ def open_ome_zarr(path: Path, mpp: MppLike = None) -> Slide:
     units = {a["name"]: a.get("unit") for a in ms.get("axes", []) if isinstance(a, dict)}
     if "y" not in axes or "x" not in axes:
         raise SlideError(f"{path}: multiscales axes {axes} have no y and x")
+    select, order = _to_yxc(axes)
     levels, readers = [], []
     for ds in ms["datasets"]:
         try:
             arr = group[ds["path"]]
         except KeyError:
             raise SlideError(f"{path}: pyramid level '{ds['path']}' listed in the metadata is missing") from None
-        select, order = _to_yxc(axes)
         levels.append(_dask_yxc(da.from_zarr(arr, chunks=arr.chunks), select, order, axes))
         readers.append(_reader(arr, axes))
     n_channels = int(levels[0].shape[2])
@@ -128,10 +128,11 @@ def _dask_yxc(arr: da.Array, select, order, axes) -> da.Array:
 
 
 def _reader(arr, axes: list[str]):
+    _, order = _to_yxc(axes)
+
     def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         key = tuple(slice(y0, y1) if a == "y" else slice(x0, x1) if a == "x" else slice(None) if a == "c" else 0
                     for a in axes)
-        _, order = _to_yxc(axes)
         out = np.transpose(arr[key], order)
         return out if "c" in axes else out[..., None]
 

@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests/test_io_*.py files (imported there; not a conftest so others are untouched)."""
+"""Fixtures shared by the tests/test_io_*.py files (no tests here; imported by the others)."""
 
 from __future__ import annotations
 
