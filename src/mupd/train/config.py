@@ -73,6 +73,7 @@ class OptimSection:
     ema_decay: float = 0.9999  # 0 disables EMA
     ema_warmup: bool = True  # decay ramps up (1 - (1+step)^-2/3), so short runs are not all base
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU; or "no" / "bf16" / "fp16"
+    compile: bool = False  # torch.compile the transformer (inductor), worth it on GPUs
     seed: int = 0
 
     def check(self) -> None:

@@ -63,13 +63,14 @@ def step_generator(seed: int, micro_step: int, process: int, device: Any) -> tor
     return torch.Generator(device=device).manual_seed(value)
 
 
-def make_accelerator(mixed_precision: str = "auto") -> Any:
+def make_accelerator(mixed_precision: str = "auto", compile: bool = False) -> Any:
     from accelerate import Accelerator
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
     # The warmup schedule counts optimizer steps, not steps x processes.
-    return Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False)
+    return Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
+                       dynamo_backend="inductor" if compile else "no")
 
 
 class Trainer:
@@ -84,7 +85,7 @@ class Trainer:
         self.pipeline, self.samples, self.optim = pipeline, samples, optim
         self.run_dir = Path(run_dir)
         self.log_every, self.num_workers = max(1, log_every), num_workers
-        self.accelerator = accelerator or make_accelerator(optim.mixed_precision)
+        self.accelerator = accelerator or make_accelerator(optim.mixed_precision, optim.compile)
         acc = self.accelerator
         self.order = BatchOrder(len(samples), optim.batch_size, optim.seed,
                                 acc.num_processes, acc.process_index)
