@@ -111,7 +111,8 @@ def run_finetune(request: FinetuneRequest, progress: Optional[ProgressCallback] 
     progress(ProgressEvent("finetune", 0, request.steps, message=
                            f"{data.summary}; {'continuing' if resume else 'starting'} "
                            f"{request.method} fine-tuning"))
-    trainer = Trainer(pipeline, data.samples, optim, checkpoint, out / RUN_SUBDIR)
+    run_dir = out / RUN_SUBDIR  # checkpoints (step-*) and train_log.csv
+    trainer = Trainer(pipeline, data.samples, optim, checkpoint, run_dir, checkpoint_dir=run_dir)
     result = trainer.fit(resume=resume, progress=progress, cancel=cancel)
     trainer.apply_ema()
     if trainer.accelerator.is_main_process:

@@ -78,7 +78,8 @@ class Trainer:
 
     def __init__(self, pipeline: Any, samples: Sequence[Sample], optim: OptimSection,
                  checkpoint: CheckpointSection, run_dir: Path, *,
-                 accelerator: Any = None, num_workers: int = 0, log_every: int = 10) -> None:
+                 accelerator: Any = None, num_workers: int = 0, log_every: int = 10,
+                 checkpoint_dir: Optional[Path] = None) -> None:
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
@@ -103,7 +104,8 @@ class Trainer:
             self.ema = EMAModel(self.params, decay=optim.ema_decay,
                                 use_ema_warmup=optim.ema_warmup)
             acc.register_for_checkpointing(self.ema)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=checkpoint.keep)
+        self.checkpoints = CheckpointManager(checkpoint_dir or self.run_dir / "checkpoints",
+                                             keep=checkpoint.keep)
         self.checkpoint_every = checkpoint.every
         self.log_path = self.run_dir / "train_log.csv"
 
