@@ -7,7 +7,7 @@ import pytest
 import tiffslide
 
 from mupd.io import open_slide
-from test_io_support import quiet_open, sample_svs  # noqa: F401  (fixture)
+from test_io_support import sample_svs  # noqa: F401  (fixture)
 
 CMU = "wsi/CMU-1-Small-Region.svs"
 TCGA = "wsi/TCGA-CR-7395-01A-01-TS1.svs"
@@ -150,3 +150,18 @@ def test_mpp_read_uses_coarser_level(shared_data):
         assert out.shape == (500, 500, 3)
         ref = s.levels[2][:500, :500].compute()
         assert np.abs(out.astype(int) - ref.astype(int)).mean() < 3
+
+
+def test_screen_dpi_is_not_taken_as_mpp(tmp_path, sample_svs):
+    """A TIFF saved with 72 dpi (an editor default) has no calibration: mpp unknown, not 352.8 um."""
+    import tifffile
+
+    with open_slide(sample_svs) as s:
+        crop = s.read_region((0, 0), (600, 500))
+    path = tmp_path / "export.tif"
+    tifffile.imwrite(path, crop, photometric="rgb", tile=(256, 256), resolution=(72, 72), resolutionunit="INCH")
+    with pytest.warns(UserWarning, match="export.tif"):
+        s = open_slide(path)
+    with s:
+        assert s.format == "tiff" and s.mpp is None and not s.mpp_known
+        np.testing.assert_array_equal(s.read_region((10, 20), (100, 50)), crop[20:70, 10:110])

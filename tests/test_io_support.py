@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,3 @@ def sample_svs() -> Path:
     except SlideError as exc:
         pytest.skip(f"sample slide unavailable: {exc}")
 
-
-def quiet_open(path, **kw):
-    """open_slide without the (tested elsewhere) missing-mpp warning."""
-    from mupd.io import open_slide
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return open_slide(path, **kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -124,8 +125,6 @@ def rectangle(x: float, y: float, w: float, h: float, **kw) -> Region:
 
 def ellipse(cx: float, cy: float, rx: float, ry: float, n_points: int = 64, **kw) -> Region:
     """An ellipse annotation (exported as an `n_points` polygon)."""
-    import math
-
     pts = [(cx + rx * math.cos(2 * math.pi * k / n_points), cy + ry * math.sin(2 * math.pi * k / n_points))
            for k in range(n_points)]
     return Region(pts, shape="ellipse", **kw)

@@ -92,7 +92,7 @@ def _build(ts, path: Path, user_mpp: MppLike) -> Slide:
     colors: list[Optional[str]] = []
     metadata: dict = {}
     if kind == "ome-tiff" and tf.ome_metadata:
-        names, colors, ome_mpp, metadata = _ome_channels_and_mpp(tf.ome_metadata, n_channels)
+        names, colors, ome_mpp, metadata = _ome_channels_and_mpp(tf.ome_metadata)
         file_mpp = ome_mpp or file_mpp
     elif kind == "qptiff":
         names, colors, qpi_mpp, qpi_obj = _qptiff_channels_and_mpp(series, n_channels)
@@ -160,9 +160,15 @@ def _reader(ts, level: int, axes: str):
     return read
 
 
+#: Inch-based resolution tags coarser than this (um/px) are screen/print DPI defaults, not a calibration.
+MAX_INCH_MPP = 25.0
+
+
 def _mpp_and_objective(props) -> tuple[Optional[tuple[float, float]], Optional[float]]:
     mx, my = props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y")
     mpp = (float(mx), float(my)) if mx and my else None
+    if mpp and props.get("tiff.ResolutionUnit") == "INCH" and max(mpp) > MAX_INCH_MPP:
+        mpp = None  # e.g. 72 dpi from an image editor would claim 352.8 um/px
     obj = props.get("tiffslide.objective-power")
     return mpp, (float(obj) if obj else None)
 
@@ -174,7 +180,7 @@ def _hex_from_ome_color(value: Optional[str]) -> Optional[str]:
     return f"{rgba >> 24 & 255:02X}{rgba >> 16 & 255:02X}{rgba >> 8 & 255:02X}"
 
 
-def _ome_channels_and_mpp(xml: str, n_channels: int):
+def _ome_channels_and_mpp(xml: str):
     root = ET.fromstring(xml)
     ns = {"ome": root.tag.split("}")[0].strip("{")} if root.tag.startswith("{") else {"ome": ""}
     pixels = root.find(".//ome:Image/ome:Pixels", ns) if ns["ome"] else root.find(".//Image/Pixels")
