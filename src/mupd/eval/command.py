@@ -1,0 +1,49 @@
+"""`mupd eval`: the held-out quality report (quality.md, results.json, figures)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on held-out HER2ST patients and write a report")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="model folder to evaluate")
+    what.add_argument("--baselines-only", action="store_true",
+                      help="no model: measure the baselines, floors and scorer ceilings only")
+    p.add_argument("--out", default="benchmarks/results", help="report folder")
+    p.add_argument("--data", default=None,
+                   help="data root holding st/her2st (default: ../shared/data beside the checkout)")
+    p.add_argument("--quick", action="store_true", help="reduced run (fewer spots and tiles) in minutes")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--encoder", default=None,
+                   help="transformers image model folder for a second feature space (local path)")
+    p.add_argument("--steps", type=int, default=None, help="generation sampling steps")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing quality.md")
+    p.set_defaults(func=run)
+
+
+def default_data_root() -> Path:
+    from ..paths import RESOURCES
+
+    return RESOURCES.parent.parent / "shared" / "data"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import DataError
+    from ..commands.console import ConsoleProgress
+    from .run import EvalSettings, run_evaluation
+
+    data = Path(args.data) if args.data else default_data_root()
+    if not (data / "st" / "her2st").is_dir():
+        raise DataError(f"no HER2ST data under {data}; pass --data DIR (the folder holding st/her2st)")
+    settings = EvalSettings(data_root=data, seeds=tuple(args.seeds), quick=args.quick,
+                            encoder=args.encoder, overwrite=args.overwrite)
+    if args.steps is not None:
+        settings.steps = args.steps
+    bar = ConsoleProgress()
+    results = run_evaluation(None if args.baselines_only else args.model, args.out, settings, progress=bar)
+    bar.close()
+    print(f"report in {results['seconds']} s -> {Path(args.out) / 'quality.md'}")
+    return 0

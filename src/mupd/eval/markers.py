@@ -1,0 +1,158 @@
+"""Task 1, virtual marker staining: predicted marker intensity against measured spot RNA.
+
+Spot level: per-marker Pearson r over a held-out section's spots between the prediction
+(MuPD: the marker map averaged over the 100 um spot footprint) and log1p(CPM) of the marker's
+gene. MSE beside it, in log1p(CPM) units; MuPD's [0, 1] intensities are first mapped to that
+scale by a per-marker linear fit on training spots (r does not depend on this).
+
+Slide level (our definition; the paper's own is not reproducible here): per held-out section,
+the Pearson r across markers between the predicted and the measured deviation of that section
+from the training patient. Predicted deviation of marker j: mean prediction over the section's
+spots minus mean prediction over training spots; measured: pseudo-bulk log1p(CPM) of the
+section minus that of the training spots pooled (robust to per-spot depth); both divided by
+the training spots' std of gene j. One r per section, resting on as many points as markers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LinearRegression
+
+from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
+from .baselines import RidgeBaseline, TrainingMeanBaseline
+from .heldout import footprint_mask
+from .metrics import mean_std, mse_per_column, pearson, pearson_per_column
+from .spots import SpotTable
+
+PAPER_CONTEXT = {"patch_level_r": 0.238, "slide_level_r": 0.464,
+                 "note": "MuPD paper, mIF markers on its own data; context, not like-for-like"}
+
+
+def predict_marker_spots(pipeline: Any, tiles: np.ndarray, markers: Sequence[str], seed: int,
+                         steps: int, batch_size: int = 16,
+                         cancel: Optional[CancelToken] = None) -> np.ndarray:
+    """(N, M) MuPD marker intensity averaged over each tile's central spot footprint."""
+    mask = footprint_mask(tiles.shape[1], float(pipeline.mpp))
+    out = np.empty((len(tiles), len(markers)))
+    for start in range(0, len(tiles), batch_size):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        maps = pipeline.translate(tiles[start:start + batch_size], list(markers), steps=steps,
+                                  seed=seed + start, batch_size=batch_size)
+        for j, m in enumerate(markers):
+            out[start:start + batch_size, j] = np.asarray(maps[m], np.float64)[:, mask].mean(axis=1)
+    return out
+
+
+def _slide_deviation(pred_section: np.ndarray, pred_train: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    return (pred_section.mean(axis=0) - pred_train.mean(axis=0)) / sd
+
+
+def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, str],
+                     ridge: RidgeBaseline, pipeline: Any = None, seeds: Sequence[int] = (0, 1, 2), steps: int = 1,
+                     calibration_spots: int = 200,
+                     progress: ProgressCallback = no_progress,
+                     cancel: Optional[CancelToken] = None) -> dict[str, Any]:
+    """`markers`: marker name -> gene; `ridge` fitted on `train` for those genes (in that order).
+    Returns JSON-able results plus `_predictions` for the figures."""
+    names, genes = list(markers), list(markers.values())
+    Y_train = train.expression[genes].to_numpy()
+    mean = TrainingMeanBaseline().fit(train.features, Y_train)
+    sd = Y_train.std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
+    bulk_train = _pooled_pseudobulk(train, genes)
+
+    rng = np.random.default_rng(0)
+    cal = np.sort(rng.choice(len(train), size=min(calibration_spots, len(train)), replace=False))
+    model_runs: list[dict[str, np.ndarray]] = []
+    if pipeline is not None:
+        total = len(seeds) * (len(cal) + len(heldout))
+        done = 0
+        for seed in seeds:
+            pred_cal = predict_marker_spots(pipeline, train.tiles[cal], names, seed, steps, cancel=cancel)
+            done += len(cal)
+            progress(ProgressEvent("markers", done, total, f"seed {seed}: training calibration"))
+            pred_held = predict_marker_spots(pipeline, heldout.tiles, names, seed, steps, cancel=cancel)
+            done += len(heldout)
+            progress(ProgressEvent("markers", done, total, f"seed {seed}: held-out spots"))
+            calibrated = np.column_stack([
+                LinearRegression().fit(pred_cal[:, [j]], Y_train[cal, j]).predict(pred_held[:, [j]])
+                for j in range(len(names))])
+            cal_train = np.column_stack([
+                LinearRegression().fit(pred_cal[:, [j]], Y_train[cal, j]).predict(pred_cal[:, [j]])
+                for j in range(len(names))])
+            model_runs.append({"raw": pred_held, "calibrated": calibrated, "train": cal_train})
+
+    sections: dict[str, Any] = {}
+    predictions: dict[str, dict[str, np.ndarray]] = {}
+    for name in dict.fromkeys(heldout.section_of):
+        idx = heldout.section_index(name)
+        section = next(s for s in heldout.sections if s.name == name)
+        Y = heldout.expression[genes].to_numpy()[idx]
+        measured_dev = (section.pseudobulk_log_cpm(genes).to_numpy() - bulk_train) / sd
+        ridge_pred, mean_pred = ridge.predict(heldout.features[idx]), mean.predict(heldout.features[idx])
+        ridge_train = ridge.predict(train.features)
+        methods: dict[str, Any] = {
+            "ridge": _one_run(ridge_pred, Y, names, measured_dev,
+                              _slide_deviation(ridge_pred, ridge_train, sd)),
+            "training-mean": _one_run(mean_pred, Y, names, measured_dev, np.zeros(len(names))),
+        }
+        predictions[name] = {"measured": Y, "ridge": ridge_pred}
+        if model_runs:
+            runs = [_one_run(run["raw"][idx], Y, names, measured_dev,
+                             _slide_deviation(run["calibrated"][idx], run["train"], sd),
+                             calibrated=run["calibrated"][idx]) for run in model_runs]
+            methods = {"MuPD": _over_seeds(runs, names), **methods}
+            predictions[name]["MuPD"] = model_runs[0]["raw"][idx]
+        for key in ("ridge", "training-mean"):
+            methods[key] = _over_seeds([methods[key]], names)
+        sections[name] = {
+            "n_spots": int(len(idx)), "source_mpp": round(section.mpp, 3),
+            "absent_genes": heldout.absent_genes.get(name, []),
+            "slide_level_points": len(names), "methods": methods,
+            "spot_xy": section.spots.loc[[heldout.spot_ids[i] for i in idx], ["image_x", "image_y"]].to_numpy().tolist(),
+        }
+    return {
+        "markers": markers, "seeds": list(seeds) if model_runs else [],
+        "ridge_alphas": dict(zip(names, ridge.alphas_)), "n_train_spots": len(train),
+        "train_sections": sorted(set(train.section_of)), "calibration_spots": int(len(cal)),
+        "sections": sections, "paper_context": PAPER_CONTEXT, "_predictions": predictions,
+        "_image_paths": {s.name: str(s.image_path) for s in heldout.sections},
+    }
+
+
+def _one_run(pred: np.ndarray, Y: np.ndarray, names: list[str], measured_dev: np.ndarray,
+             predicted_dev: np.ndarray, calibrated: Optional[np.ndarray] = None) -> dict[str, Any]:
+    r = pearson_per_column(pred, Y, names)
+    return {"r": r, "mean_r": float(np.nanmean(list(r.values()))) if np.isfinite(list(r.values())).any() else float("nan"),
+            "mse": mse_per_column(pred if calibrated is None else calibrated, Y, names),
+            "slide_r": pearson(predicted_dev, measured_dev),
+            "slide_deviation": {"predicted": predicted_dev.tolist(), "measured": measured_dev.tolist()}}
+
+
+def _over_seeds(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    agg: Callable[[str, str], dict] = lambda key, m: mean_std([run[key][m] for run in runs]).to_dict()
+    return {
+        "n_seeds": len(runs),
+        "r": {m: agg("r", m) for m in names}, "mse": {m: agg("mse", m) for m in names},
+        "mean_r": mean_std([run["mean_r"] for run in runs]).to_dict(),
+        "slide_r": mean_std([run["slide_r"] for run in runs]).to_dict(),
+        "slide_deviation": runs[0]["slide_deviation"],
+    }
+
+
+def _pooled_pseudobulk(table: SpotTable, genes: list[str]) -> np.ndarray:
+    totals, gene_sums = 0.0, np.zeros(len(genes))
+    for section in table.sections:
+        counts = section.counts.loc[[s for n, s in zip(table.section_of, table.spot_ids) if n == section.name]]
+        totals += counts.to_numpy(dtype=float).sum()
+        gene_sums += counts.reindex(columns=genes, fill_value=0).to_numpy(dtype=float).sum(axis=0)
+    return np.log1p(gene_sums / max(totals, 1) * 1e6)
+
+
+def marker_targets(catalogue_entries: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Catalogue markers that have a ground-truth gene: name -> gene."""
+    return {e["name"]: e["gene"] for e in catalogue_entries if e.get("kind") == "marker" and e.get("gene")}

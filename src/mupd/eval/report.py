@@ -1,0 +1,202 @@
+"""quality.md, results.json and the figures from one results dict (undefined numbers stay
+undefined: NaN becomes "undefined" in the tables and null in the JSON)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .figures import augmentation_figure, marker_figure, tile_grid_figure
+
+
+def fmt(value: Any) -> str:
+    """A MeanStd dict, a float or None as table text."""
+    if isinstance(value, dict):
+        if not value.get("n"):
+            return "undefined"
+        if value["n"] == 1:
+            return f"{value['mean']:.3f}"
+        return f"{value['mean']:.3f} ± {value['std']:.3f}"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "undefined"
+    return f"{value:.3f}"
+
+
+def public(results: Any) -> Any:
+    """Results without private (`_`) keys and with NaN as None, for JSON."""
+    if isinstance(results, dict):
+        return {k: public(v) for k, v in results.items() if not str(k).startswith("_")}
+    if isinstance(results, (list, tuple)):
+        return [public(v) for v in results]
+    if isinstance(results, (float, np.floating)):
+        return None if math.isnan(results) else float(results)
+    if isinstance(results, np.integer):
+        return int(results)
+    return results
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(public(results), indent=1))
+    figures = _figures(results, out)
+    (out / "quality.md").write_text(render_markdown(results, figures))
+    return out / "quality.md"
+
+
+def _figures(results: dict[str, Any], out: Path) -> dict[str, str]:
+    m = results["markers"]
+    paths = {"markers": marker_figure(m, m["_image_paths"], out)}
+    rna = results["rna_to_he"]["_examples"]
+    paths["rna_to_he"] = tile_grid_figure(
+        {"ground truth: real tile of the spot": rna.get("real (same spots)", []),
+         "MuPD from the spot's RNA": rna.get("MuPD (RNA)", []),
+         "MuPD unconditional (baseline)": rna.get("MuPD (unconditional)", [])},
+        "RNA -> H&E on held-out B4 spots", out / "fig-rna-to-he.png")
+    text = results["text_to_he"]["_examples"]
+    if text:
+        paths["text_to_he"] = tile_grid_figure(dict(text), "text -> H&E (rows: prompts)",
+                                               out / "fig-text-to-he.png")
+    paths["augmentation"] = augmentation_figure(results["augmentation"], out / "fig-augmentation.png")
+    return {k: Path(v).name for k, v in paths.items()}
+
+
+def render_markdown(r: dict[str, Any], figures: dict[str, str]) -> str:
+    has_model = r["model"] is not None
+    seeds = ", ".join(map(str, r["seeds"]))
+    lines = [
+        "# MuPD quality report",
+        "",
+        f"- Model: `{r['model']}`" if has_model else "- Model: none (baselines, floors and scorer ceilings only)",
+        f"- Run: {'QUICK (reduced spots/tiles: smoke numbers, not results)' if r['quick'] else 'full'}; "
+        f"{r['seconds']} s",
+        f"- Split: {r['split']['rule']}. Train sections {', '.join(r['split']['train'])}; "
+        f"held out {', '.join(r['split']['heldout'])} (primary {r['split']['primary_heldout']}).",
+        f"- Tiles: {r['tile_size']} px at {r['mpp']} um/px, centred on spots; each section is resampled "
+        "from its own mpp (measured from the 200 um spot pitch) to this one.",
+        f"- Seeds: {seeds}. Mean ± std over seeds; deterministic methods (ridge, training mean, "
+        "scorers on real tiles) are fitted once and shown without ± .",
+        f"- Feature extractor: handcrafted ({len(r['feature_extractor']['handcrafted'])} features, "
+        "named in `mupd/eval/features.py` and in results.json)"
+        + (f"; encoder `{r['feature_extractor']['encoder']}`" if r['feature_extractor']['encoder'] else
+           "; no encoder given (`--encoder DIR` adds one)."),
+        "",
+    ]
+    lines += _markers_md(r["markers"], has_model)
+    lines += _rna_md(r["rna_to_he"], has_model)
+    lines += _text_md(r["text_to_he"], has_model)
+    lines += _augment_md(r["augmentation"], has_model)
+    lines += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
+    return "\n".join(lines)
+
+
+def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
+    methods = (["MuPD"] if has_model else []) + ["ridge", "training-mean"]
+    lines = [
+        "## 1. Virtual marker staining (held-out spots)",
+        "",
+        "Spot level: Pearson r per marker between the prediction (MuPD: marker map averaged over "
+        "the 100 um spot footprint) and log1p(CPM) of the marker's gene. The training-mean "
+        "predictor is constant, so its r is **undefined** (not 0); its MSE is given instead. "
+        "MSE is in log1p(CPM) units (MuPD's [0, 1] intensities mapped by a per-marker linear fit on "
+        f"{m['calibration_spots']} training spots). Ridge: {m['n_train_spots']} training spots, "
+        "penalty per marker by 5-fold cross-validation grouped by section, inside patient C only.",
+        "",
+    ]
+    for name, sec in m["sections"].items():
+        lines += [f"### {name}: {sec['n_spots']} spots, source {sec['source_mpp']} um/px", ""]
+        if sec["absent_genes"]:
+            lines += [f"Genes with no counts in {name} (measured 0, r undefined): "
+                      f"{', '.join(sec['absent_genes'])}.", ""]
+        head = "| marker (gene) | " + " | ".join(f"r {k}" for k in methods) + " | " + \
+               " | ".join(f"MSE {k}" for k in methods) + " |"
+        lines += [head, "|" + "---|" * (1 + 2 * len(methods))]
+        for marker, gene in m["markers"].items():
+            cells = [fmt(sec["methods"][k]["r"][marker]) for k in methods] + \
+                    [fmt(sec["methods"][k]["mse"][marker]) for k in methods]
+            lines.append(f"| {marker} ({gene}) | " + " | ".join(cells) + " |")
+        lines.append("| **mean over markers** | " + " | ".join(fmt(sec["methods"][k]["mean_r"]) for k in methods)
+                     + " |" + " |" * len(methods))
+        lines.append(f"| **slide level r** ({sec['slide_level_points']} points) | "
+                     + " | ".join(fmt(sec["methods"][k]["slide_r"]) for k in methods) + " |" + " |" * len(methods))
+        lines.append("")
+    lines += [
+        "Slide level (our definition): per held-out section, Pearson r across the markers between "
+        "the predicted and measured deviation of the section from the training patient (mean "
+        "prediction on the section minus on training spots, vs pseudo-bulk log1p CPM of the "
+        "section minus of the training spots, both over the training std of the gene). It rests "
+        "on as many points as markers, for one section, so it is coarse.",
+        "",
+        f"Context only, not like-for-like: the MuPD paper reports mIF patch-level r "
+        f"{m['paper_context']['patch_level_r']} and slide-level r {m['paper_context']['slide_level_r']} "
+        "on its own data (protein mIF, not spot RNA).",
+        "",
+    ]
+    return lines
+
+
+def _rna_md(g: dict[str, Any], has_model: bool) -> list[str]:
+    spaces = list(g["fd"])
+    lines = [
+        "## 2. RNA -> H&E (held-out B4)",
+        "",
+        f"Frechet distance to one half of the real held-out tiles (n = {g['n_per_set']} per set), "
+        "the other half being the real-vs-real floor. Lower is better; a generator cannot be "
+        "expected to go below the floor.",
+        "",
+        "| set vs real half | " + " | ".join(f"FD {s}" for s in spaces) + " |",
+        "|---|" + "---|" * len(spaces),
+    ]
+    for key in g["fd"][spaces[0]]:
+        lines.append(f"| {key} | " + " | ".join(fmt(g["fd"][s][key]) for s in spaces) + " |")
+    lines += [
+        "",
+        "RNA alignment: mean over marker genes of the Pearson r between the ridge H&E->RNA "
+        "scorer's prediction from a tile and the RNA that tile belongs to (generated: the RNA it "
+        "was conditioned on).",
+        "",
+        "| tiles | alignment r |", "|---|---|",
+    ] + [f"| {k} | {fmt(v)} |" for k, v in g["alignment"].items()] + [""]
+    if not has_model:
+        lines += ["No model given: only the real-vs-real floor and the scorer on real tiles.", ""]
+    return lines
+
+
+def _text_md(t: dict[str, Any], has_model: bool) -> list[str]:
+    lines = [
+        "## 3. Text -> H&E",
+        "",
+        f"Prompts: `{t['prompt_template']}` with level high / low; {t['n_per_prompt']} tiles per "
+        "prompt and seed. A logistic scorer per attribute (trained on training tiles, labels: gene "
+        "above / below its section median) classifies each generated tile; agreement is the "
+        "fraction classified as prompted (chance 0.5). The scorer's balanced accuracy on held-out "
+        "real tiles bounds what this measurement can see.",
+        "",
+        "| attribute (gene) | scorer on real held-out tiles | agreement high | agreement low | mean |",
+        "|---|---|---|---|---|",
+    ]
+    for marker, e in t["attributes"].items():
+        agree = e.get("prompt_agreement", {})
+        lines.append(f"| {marker} ({e['gene']}) | {fmt(e['scorer_heldout_balanced_accuracy'])} | "
+                     f"{fmt(agree.get('high'))} | {fmt(agree.get('low'))} | "
+                     f"{fmt(e.get('prompt_agreement_mean'))} |")
+    return lines + [""]
+
+
+def _augment_md(a: dict[str, Any], has_model: bool) -> list[str]:
+    lines = [
+        "## 4. Synthetic augmentation",
+        "",
+        f"{a['marker']} ({a['gene']}) high vs low (section-wise top vs bottom third), "
+        f"{a['shots_per_class']} real training tiles per class, plus {a['synthetic_per_class']} "
+        f"MuPD tiles per class generated from other training spots' RNA. Balanced accuracy on "
+        f"{a['n_test']} held-out B4 spots, chance {a['chance']}.",
+        "",
+        "| classifier | balanced accuracy |", "|---|---|",
+    ] + [f"| {k} | {fmt(v)} |" for k, v in a["balanced_accuracy"].items()]
+    lines.append(f"| all {a['n_all_training_tiles']} labelled training tiles (reference) | "
+                 f"{fmt(a['all_training_tiles'])} |")
+    return lines + [""]

@@ -1,0 +1,136 @@
+"""One call that runs every evaluation task on the patient-level split and writes the report.
+
+Any object with the pipeline contract works (`translate(tiles, stains, steps=, seed=,
+batch_size=)`, `generate(text=, rna=, stain=, num_images=, steps=, seed=)`, `.tile_size`,
+`.mpp`); with no model at all the baselines, floors and scorer ceilings are still measured.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import DataError, ModelError, OutputExistsError
+from ..paths import STAIN_CATALOGUE
+from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
+from .augment import evaluate_augmentation
+from .baselines import RidgeBaseline
+from .features import FEATURE_NAMES
+from .generation import DEFAULT_PROMPT, FeatureSpace, evaluate_rna_to_he, evaluate_text_to_he
+from .heldout import HELDOUT_SECTIONS, TRAIN_SECTIONS
+from .markers import evaluate_markers, marker_targets
+from .spots import build_spot_table
+
+#: Text attributes (marker -> gene) scored for text->H&E.
+TEXT_ATTRIBUTES = {"HER2": "ERBB2", "ER": "ESR1", "Ki67": "MKI67", "CD45": "PTPRC"}
+AUGMENT_MARKER = ("HER2", "ERBB2")
+#: Tile geometry for a baseline-only run (no model to take it from).
+BASELINE_TILE_SIZE, BASELINE_MPP = 128, 1.0
+
+
+@dataclass
+class EvalSettings:
+    data_root: Path
+    seeds: tuple[int, ...] = (0, 1, 2)
+    quick: bool = False
+    encoder: Optional[str] = None
+    prompt: str = DEFAULT_PROMPT
+    overwrite: bool = False
+    # Sizes; `quick` replaces the None/defaults with small ones.
+    train_spots: Optional[int] = None  # per section; None: all
+    heldout_spots: Optional[int] = None
+    n_tiles: int = 64  # generated tiles per set (FD halves, prompts)
+    steps: int = 20  # generation sampling steps
+    translate_steps: int = 1
+    calibration_spots: int = 200
+    shots: int = 8
+    synthetic: int = 16
+
+    def __post_init__(self) -> None:
+        if self.quick:
+            self.train_spots = self.train_spots or 40
+            self.heldout_spots = self.heldout_spots or 48
+            self.n_tiles, self.steps, self.calibration_spots = 8, 4, 48
+            self.shots, self.synthetic = 4, 4
+
+
+def run_evaluation(model: Any, out: Path | str, settings: EvalSettings,
+                   progress: ProgressCallback = no_progress,
+                   cancel: Optional[CancelToken] = None) -> dict[str, Any]:
+    """`model`: a model folder, a pipeline object, or None (baselines only). Writes
+    out/quality.md, out/results.json and out/fig-*.png; returns the results."""
+    from .report import write_report
+
+    out = Path(out)
+    if (out / "quality.md").exists() and not settings.overwrite:
+        raise OutputExistsError(f"{out / 'quality.md'} exists; pass --overwrite to replace it")
+    start = time.perf_counter()
+    pipeline, model_name = _load(model)
+    tile_size = int(pipeline.tile_size) if pipeline is not None else BASELINE_TILE_SIZE
+    mpp = float(pipeline.mpp) if pipeline is not None else BASELINE_MPP
+    markers = marker_targets(_catalogue(pipeline))
+    genes = list(markers.values())
+    progress(ProgressEvent("data", 0, 2, "training spots (patient C)"))
+    train = build_spot_table(settings.data_root, TRAIN_SECTIONS, genes, tile_size, mpp, settings.train_spots)
+    progress(ProgressEvent("data", 1, 2, "held-out spots (patients B, A)"))
+    heldout = build_spot_table(settings.data_root, HELDOUT_SECTIONS, genes, tile_size, mpp, settings.heldout_spots)
+    primary = heldout.subset(heldout.section_index(HELDOUT_SECTIONS[0]))
+    ridge = RidgeBaseline().fit(train.features, train.expression[genes].to_numpy(), list(train.section_of))
+    encoder = None
+    if settings.encoder:
+        from .encoder import ImageEncoder
+        encoder = ImageEncoder(settings.encoder)
+    seeds = settings.seeds
+    results: dict[str, Any] = {
+        "model": model_name, "quick": settings.quick, "seeds": list(seeds),
+        "tile_size": tile_size, "mpp": mpp,
+        "split": {"train": list(TRAIN_SECTIONS), "heldout": list(HELDOUT_SECTIONS),
+                  "primary_heldout": HELDOUT_SECTIONS[0],
+                  "rule": "patient-level: patient C trains; patients B and A never seen"},
+        "feature_extractor": {"handcrafted": list(FEATURE_NAMES),
+                              "encoder": encoder.name if encoder else None},
+        "settings": {k: v for k, v in asdict(settings).items() if k not in ("data_root", "overwrite")},
+    }
+    results["markers"] = evaluate_markers(train, heldout, markers, ridge, pipeline, seeds,
+                                          settings.translate_steps, settings.calibration_spots,
+                                          progress, cancel)
+    space = FeatureSpace(train, encoder)
+    results["rna_to_he"] = evaluate_rna_to_he(pipeline, train, primary, genes, ridge, space, seeds,
+                                              settings.n_tiles, settings.steps, progress, cancel)
+    attributes = {m: g for m, g in TEXT_ATTRIBUTES.items() if g in genes}
+    results["text_to_he"] = evaluate_text_to_he(pipeline, train, primary, attributes, seeds,
+                                                settings.n_tiles, settings.steps, settings.prompt,
+                                                progress, cancel)
+    results["augmentation"] = evaluate_augmentation(pipeline, train, primary, *AUGMENT_MARKER, seeds,
+                                                    settings.shots, settings.synthetic,
+                                                    settings.steps, progress, cancel)
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    write_report(results, out)
+    return results
+
+
+def _load(model: Any) -> tuple[Any, Optional[str]]:
+    if model is None:
+        return None, None
+    if isinstance(model, (str, Path)):
+        folder = Path(model)
+        if not folder.is_dir():
+            raise ModelError(f"model folder {folder} does not exist")
+        from ..pipeline import MuPDPipeline
+        return MuPDPipeline.from_pretrained(folder), str(folder)
+    return model, getattr(model, "name", None) or type(model).__name__
+
+
+def _catalogue(pipeline: Any) -> list[dict[str, Any]]:
+    """The model's own targets when it has a catalogue, else the bundled stain catalogue."""
+    catalogue = getattr(pipeline, "catalogue", None)
+    if catalogue is not None and hasattr(catalogue, "to_list"):
+        entries = catalogue.to_list()
+    else:
+        entries = json.loads(STAIN_CATALOGUE.read_text())["targets"]
+    if not marker_targets(entries):
+        raise DataError("the model's catalogue has no marker with a ground-truth gene to evaluate")
+    return entries

@@ -1,0 +1,69 @@
+"""Metrics and handcrafted features: edge cases that must not turn into silent numbers."""
+
+import math
+
+import numpy as np
+import pytest
+from skimage import data
+
+from mupd.errors import ConditionError
+from mupd.eval.features import FEATURE_NAMES, features, tile_features
+from mupd.eval.metrics import frechet_distance, mean_std, pearson, pearson_per_column
+from mupd.eval.report import fmt, public
+
+
+def test_pearson_is_undefined_for_a_constant_prediction():
+    assert math.isnan(pearson([2.0] * 5, [1, 2, 3, 4, 5]))
+    assert math.isnan(pearson([1, 2], [2, 1]))  # too few points
+    assert pearson([1, 2, 3, 4], [2, 4, 6, 8.5]) > 0.99
+    assert pearson([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_pearson_per_column_matches_numpy_and_checks_shapes():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 3)), rng.normal(size=(50, 3))
+    r = pearson_per_column(a, b, ["x", "y", "z"])
+    assert r["y"] == pytest.approx(np.corrcoef(a[:, 1], b[:, 1])[0, 1])
+    with pytest.raises(ValueError):
+        pearson_per_column(a, b[:, :2], ["x", "y", "z"])
+
+
+def test_frechet_distance_of_a_shifted_set_is_the_squared_shift():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 6))
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    shift = np.array([1.0, -2.0, 0, 0, 0.5, 0])
+    assert frechet_distance(x, x + shift) == pytest.approx(shift @ shift, rel=1e-6)
+    wider = frechet_distance(x, rng.normal(scale=3.0, size=(400, 6)))
+    assert wider > 6 * (3 - 1) ** 2 * 0.8  # trace term of the variance change
+
+
+def test_frechet_distance_survives_singular_covariances():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(5, 20)), rng.normal(size=(5, 20))  # n < d: rank-deficient
+    value = frechet_distance(a, b)
+    assert np.isfinite(value) and value > 0
+    with pytest.raises(ValueError):
+        frechet_distance(a[:1], b)
+
+
+def test_mean_std_leaves_undefined_values_out_and_reports_them_as_such():
+    m = mean_std([0.2, float("nan"), 0.4])
+    assert (m.n, m.mean) == (2, pytest.approx(0.3))
+    assert m.std == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    none = mean_std([float("nan")])
+    assert none.n == 0 and fmt(none.to_dict()) == "undefined"
+    assert public({"r": float("nan"), "_private": 1}) == {"r": None}
+
+
+def test_features_on_real_ihc_find_nuclei_and_none_on_blank_glass():
+    ihc = data.immunohistochemistry()[:256, :256]
+    f = dict(zip(FEATURE_NAMES, tile_features(ihc, mpp=0.5)))
+    assert len(f) == len(FEATURE_NAMES) and all(np.isfinite(list(f.values())))
+    assert f["nuclei_per_mm2_tissue"] > 100 and 8 <= f["nucleus_area_mean_um2"] <= 150
+    assert f["dab_mean"] > 0  # the FHL2 image is DAB-stained
+    blank = dict(zip(FEATURE_NAMES, tile_features(np.full((128, 128, 3), 245, np.uint8), 0.5)))
+    assert blank["nuclei_per_mm2_tissue"] == 0 and blank["tissue_fraction"] == 0
+    assert features([], 0.5).shape == (0, len(FEATURE_NAMES))
+    with pytest.raises(ConditionError, match="uint8"):
+        tile_features(ihc.astype(np.float32), 0.5)
