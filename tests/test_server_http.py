@@ -82,6 +82,23 @@ def test_translate_upload_equals_local_and_is_placed_over_the_slide(remote, loca
         assert g.translate_um == w.translate_um
 
 
+def test_translate_a_slide_the_server_reads(server, local):
+    from PIL import Image
+
+    slide = _region(local)
+    Image.fromarray(slide.image).save(server.root / "slides" / "roi.png")
+    marker = next(t["name"] for t in local.info().targets if t["kind"] == "marker")
+    req = TranslateRequest(slide_path="roi.png", stains=[marker], seed=2, slide_mpp=slide.mpp[0],
+                           box=(4, 8, slide.image.shape[1] - 4, slide.image.shape[0] - 8))
+    with RemoteEngine(server.url, server.token, timeout=120, upload="never") as engine:
+        got = engine.translate(req)
+    want = local.translate(TranslateRequest(**{**req.__dict__,
+                                               "slide_path": str(server.root / "slides" / "roi.png")}))
+    for g, w in zip(got.layers, want.layers, strict=True):
+        assert np.allclose(g.data.astype(float), w.data.astype(float), atol=1.01), g.name
+        assert g.translate_um == w.translate_um and g.scale_um == w.scale_um
+
+
 def test_slide_paths_are_confined_to_the_slide_roots(server, tmp_path):
     outside = tmp_path / "secret.png"
     outside.write_bytes(b"x")

@@ -10,7 +10,6 @@ size limits, loopback by default. One GPU call at a time per device with a bound
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import json
 import logging
@@ -19,7 +18,6 @@ import re
 import stat
 import sys
 import threading
-import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -288,9 +286,16 @@ class Server:
             self._write_record(job_id, request, "done", "finished", str(out))
             return out
 
-        label = f"fine-tune job {job_id}"
-        return self.jobs.submit(job, job_id=job_id,
-                                gate=lambda token: self.slot.job_gate(label, token))
+        @contextmanager
+        def gate(token: CancelToken) -> Iterator[None]:
+            try:
+                with self.slot.job_gate(f"fine-tune job {job_id}", token):
+                    yield
+            except CancelledError:  # also when cancelled while still queued
+                self._write_record(job_id, request, "cancelled", "cancelled by the user")
+                raise
+
+        return self.jobs.submit(job, job_id=job_id, gate=gate)
 
     def _job_ids(self) -> list[str]:
         return [p.stem for p in (self.state_dir / "jobs").glob("*.json")
@@ -340,16 +345,23 @@ def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONRes
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for bodies over the limit, by header or while streaming."""
+class Guard:
+    """ASGI middleware: the bearer token (401), then the body size (413, by header or while
+    streaming). Plain ASGI, so that handlers still see a client's disconnect."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, token: str, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self._expected = token.encode("utf-8")
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        if scope["path"] != "/health":
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._expected):
+                return await _error(401, "missing or wrong bearer token",
+                                    {"WWW-Authenticate": "Bearer"})(scope, receive, send)
         length = headers.get(b"content-length")
         limit = f"the server's limit of {self.max_bytes} bytes"
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
@@ -371,17 +383,8 @@ class BodyLimit:
 def create_app(server: Server, token: str) -> FastAPI:
     """The FastAPI app for one Server; `token` is the bearer secret (never logged)."""
     app = FastAPI(title="MuPD engine", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, max_bytes=server.config.max_request_bytes)
-    expected = token.encode("utf-8")
+    app.add_middleware(Guard, token=token, max_bytes=server.config.max_request_bytes)
     cfg = server.config
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Callable) -> Response:
-        if request.url.path != "/health":
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8"), expected):
-                return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
 
     @app.exception_handler(MuPDError)
     async def mupd_error(request: Request, exc: MuPDError) -> JSONResponse:
