@@ -65,7 +65,7 @@ def evaluate_augmentation(pipeline: Any, train: SpotTable, heldout: SpotTable, m
                 if cancel is not None:
                     cancel.raise_if_cancelled()
                 tiles.append(pipeline.generate(rna=profile, stain="H&E", num_images=1, steps=steps,
-                                               seed=seed * 100_003 + c * 1000 + i)[0])
+                                               seed=seed * 100_003 + 50_000 + c * 1000 + i)[0])
             tiles = np.stack(tiles)
             examples.setdefault(f"synthetic {marker}-{'high' if c else 'low'}", tiles[:4])
             X_syn.append(features(tiles, train.mpp))

@@ -1,0 +1,113 @@
+"""End to end: `run_evaluation` / `mupd eval --quick` on real held-out spots write an honest report."""
+
+import json
+
+import numpy as np
+import pytest
+from skimage import data
+from skimage.color import rgb2hed
+
+from mupd.cli import main
+from mupd.errors import OutputExistsError
+from mupd.eval.run import EvalSettings, run_evaluation
+
+
+class HematoxylinPipeline:
+    """The pipeline contract with fixed image operations instead of a model: every marker map is
+    the tile's hematoxylin density, generated tiles are crops of the real skimage IHC image. It
+    exercises the evaluation's calls without pretending to be MuPD."""
+
+    tile_size, mpp, name = 64, 1.0, "hematoxylin-stand-in"
+
+    def __init__(self):
+        self.source = data.immunohistochemistry()
+        self.generate_calls = []
+
+    def translate(self, tiles, stains, steps=1, seed=0, batch_size=16, guidance=None):
+        h = rgb2hed(np.asarray(tiles))[..., 0]
+        h = np.clip(h / 0.15, 0, 1).astype(np.float32)
+        return {s: h for s in stains}
+
+    def generate(self, text=None, rna=None, stain="H&E", num_images=1, steps=20, guidance=None, seed=0):
+        self.generate_calls.append({"text": text, "rna": rna, "seed": seed})
+        rng = np.random.default_rng(seed)
+        ys, xs = rng.integers(0, 512 - 64, size=(2, num_images))
+        return np.stack([self.source[y:y + 64, x:x + 64] for y, x in zip(ys, xs)])
+
+
+def _no_nan(text):
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+
+
+@pytest.fixture(scope="module")
+def report(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    pipe = HematoxylinPipeline()
+    settings = EvalSettings(data_root=shared_data, quick=True, train_spots=24, heldout_spots=32)
+    results = run_evaluation(pipe, out, settings)
+    return out, results, pipe, settings
+
+
+def test_report_states_every_task_with_baselines_and_undefined_values(report):
+    out, results, _, _ = report
+    md = (out / "quality.md").read_text()
+    for heading in ("Virtual marker staining", "RNA -> H&E", "Text -> H&E", "Synthetic augmentation"):
+        assert heading in md
+    assert "QUICK" in md and "Seeds: 0, 1, 2" in md and "B4" in md and "A1" in md
+    assert "r MuPD" in md and "r ridge" in md and "undefined" in md and "0.238" in md
+    saved = _no_nan((out / "results.json").read_text())
+    assert saved["markers"]["sections"]["B4"]["methods"]["training-mean"]["r"]["HER2"]["n"] == 0
+    assert saved["feature_extractor"]["handcrafted"][0] == "rgb_mean_R"
+    for fig in ("fig-markers.png", "fig-rna-to-he.png", "fig-text-to-he.png", "fig-augmentation.png"):
+        assert (out / fig).stat().st_size > 10_000
+
+
+def test_model_numbers_are_measured_over_three_seeds(report):
+    _, results, _, _ = report
+    b4 = results["markers"]["sections"]["B4"]["methods"]["MuPD"]
+    assert b4["n_seeds"] == 3 and b4["r"]["HER2"]["n"] == 3
+    assert -1 <= b4["r"]["HER2"]["mean"] <= 1
+    fd = results["rna_to_he"]["fd"]["handcrafted"]
+    # IHC crops are not H&E: they must sit farther from real H&E than real H&E from itself.
+    assert fd["MuPD (RNA)"]["mean"] > fd["real (other half)"]["mean"]
+    assert set(results["augmentation"]["balanced_accuracy"]) == {"real few-shot", "real few-shot + MuPD synthetic"}
+    agree = results["text_to_he"]["attributes"]["HER2"]["prompt_agreement_mean"]
+    assert agree["n"] == 3 and 0 <= agree["mean"] <= 1
+
+
+def test_generation_is_conditioned_on_held_out_raw_counts_with_distinct_seeds(report):
+    _, _, pipe, _ = report
+    rna_calls = [c for c in pipe.generate_calls if c["rna"] is not None]
+    assert rna_calls and all(v >= 1 and float(v).is_integer() for c in rna_calls for v in c["rna"].values())
+    assert len({c["seed"] for c in rna_calls}) == len(rna_calls)
+    assert any(c["text"] and "HER2-high" in c["text"] for c in pipe.generate_calls)
+
+
+def test_an_existing_report_is_not_overwritten(report):
+    out, _, pipe, settings = report
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        run_evaluation(pipe, out, settings)
+
+
+def test_cli_baselines_only_quick(shared_data, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["eval", "--baselines-only", "--quick", "--seeds", "0", "1", "--out", str(out),
+                 "--data", str(shared_data)]) == 0
+    md = (out / "quality.md").read_text()
+    assert "Model: none" in md and "r MuPD" not in md
+    assert main(["eval", "--baselines-only", "--quick", "--out", str(out), "--data", str(shared_data)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["eval", "--baselines-only", "--out", str(out), "--data", str(tmp_path)]) == 2
+    assert "no HER2ST data" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_eval_of_an_untrained_tiny_mupd(shared_data, tmp_path):
+    pipeline_module = pytest.importorskip("mupd.pipeline", reason="mupd.pipeline has not landed yet")
+    pipe = pipeline_module.MuPDPipeline.from_config_name("tiny")
+    settings = EvalSettings(data_root=shared_data, quick=True, seeds=(0, 1, 2), train_spots=16,
+                            heldout_spots=24)
+    settings.steps, settings.n_tiles, settings.calibration_spots = 2, 4, 16
+    results = run_evaluation(pipe, tmp_path, settings)
+    assert results["markers"]["sections"]["B4"]["methods"]["MuPD"]["n_seeds"] == 3
+    assert "MuPD (RNA)" in (tmp_path / "quality.md").read_text()
