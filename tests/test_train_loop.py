@@ -219,3 +219,43 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     steps = [int(r.split(",")[0]) for r in
              (tmp_path / "killed" / "train_log.csv").read_text().splitlines()[1:]]
     assert steps == list(range(5, 45, 5))  # rows redone after the kill are not duplicated
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from safetensors.torch import save_file
+from test_train_loop import make_trainer, weights
+run_dir, steps = Path(sys.argv[1]), int(sys.argv[2])
+trainer, _ = make_trainer(run_dir, steps=steps, every=3, batch_size=4)
+assert trainer.accelerator.num_processes == 2, trainer.accelerator.distributed_type
+trainer.fit(resume=True)
+w = weights(trainer)
+save_file(w, str(run_dir / f"final-rank{{trainer.accelerator.process_index}}.safetensors"))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_resume_matches(tmp_path):
+    """DDP over two CPU processes (gloo): ranks agree, and stop-at-6 + resume == straight run."""
+    script = tmp_path / "ddp_script.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+    def torchrun(run_dir: Path, steps: int) -> None:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--standalone", str(script), str(run_dir), str(steps)],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    torchrun(tmp_path / "straight", 12)
+    torchrun(tmp_path / "resumed", 6)
+    torchrun(tmp_path / "resumed", 12)
+    ckpt = tmp_path / "resumed" / "checkpoints" / "step-00000012"
+    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl",
+                                                                   "random_states_1.pkl"}
+    finals = [load_file(str(tmp_path / run / f"final-rank{r}.safetensors"))
+              for run in ("straight", "resumed") for r in (0, 1)]
+    for other in finals[1:]:
+        assert all(torch.equal(finals[0][k], other[k]) for k in finals[0])
