@@ -143,3 +143,16 @@ def test_lora_trains_adapters_only_and_merges(tmp_path):
     assert after.keys() == before.keys()  # plain module again: loads without peft
     assert torch.equal(after["inp.weight"], before["inp.weight"])
     assert not torch.equal(after["mlp.weight"], before["mlp.weight"])
+
+
+def test_patient_filter_never_admits_held_out_patients():
+    from mupd.train.config import DataSection
+    from mupd.train.store import select_rows
+
+    patients = ["A", "C", "C", "B", "D", "C"]
+    rows = select_rows(patients, DataSection(store="s", exclude_patients=["A", "B"]))
+    assert rows.tolist() == [1, 2, 4, 5]
+    rows = select_rows(patients, DataSection(store="s", patients=["C"], exclude_patients=["A"]))
+    assert rows.tolist() == [1, 2, 5]
+    with pytest.raises(DataError, match=r"patients in store: \['A', 'B', 'C', 'D'\]"):
+        select_rows(patients, DataSection(store="s", patients=["Z"]))

@@ -41,7 +41,7 @@ def training_samples(config: TrainConfig, pipeline: Any) -> tuple[Sequence[Sampl
         return data.samples, f"Folder `{store}` ({data.kind}): {data.summary}.", "all of the folder"
     from .store import store_samples
 
-    return store_samples(config.data, pipeline)
+    return store_samples(config, pipeline)
 
 
 def _check_output(run_dir: Path, resume: bool) -> None:

@@ -1,0 +1,82 @@
+"""Training samples from a PatchStore (the data package's zarr store of tiles + conditions).
+
+Patients are filtered through the manifest before any tile is read, so held-out patients never
+reach training. Samples are read lazily, one tile at a time, so a store larger than memory works
+with data-loader workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+from .batches import Sample
+from .config import DataSection, TrainConfig
+
+
+class StoreSamples(Sequence[Sample]):
+    """One Sample per (tile, target) pair of the selected rows of a PatchStore."""
+
+    def __init__(self, store: Any, rows: np.ndarray, data: DataSection) -> None:
+        self.store, self.rows, self.data = store, rows, data
+        self.targets = list(data.targets)
+        if data.task == "translate":
+            markers = set(getattr(store, "markers", {}) or {})
+            missing = [t for t in self.targets if t not in markers]
+            if missing:
+                raise DataError(f"patch store {data.store} has no marker maps for {missing} "
+                                f"(it has {sorted(markers) or 'none'})")
+        if "rna" in data.conditions and getattr(store, "rna", None) is None:
+            raise DataError(f"data.conditions asks for rna but patch store {data.store} holds none")
+        if "text" in data.conditions and getattr(store, "captions", None) is None:
+            raise DataError(f"data.conditions asks for text but patch store {data.store} has no captions")
+
+    def __len__(self) -> int:
+        return len(self.rows) * (len(self.targets) if self.data.task == "translate" else 1)
+
+    def __getitem__(self, i: int) -> Sample:  # type: ignore[override]
+        row_index, target_index = divmod(i, len(self.targets)) if self.data.task == "translate" \
+            else (i, 0)
+        row = int(self.rows[row_index])
+        tile = np.asarray(self.store.tiles[row])
+        sample = Sample(target=tile, stain="H&E", name=f"{self.data.store}#{row}")
+        if self.data.task == "translate":
+            stain = self.targets[target_index]
+            sample = Sample(target=np.asarray(self.store.markers[stain][row], dtype=np.float32),
+                            stain=stain, source=tile, name=sample.name)
+        if "text" in self.data.conditions:
+            sample.text = self.store.captions[row] or None
+        if "rna" in self.data.conditions:
+            values = np.asarray(self.store.rna[row], dtype=np.float32)
+            if np.isfinite(values).any():
+                sample.rna = dict(zip(self.store.genes, values.tolist()))
+                sample.rna_normalized = bool(getattr(self.store, "rna_normalized", False))
+        return sample
+
+
+def select_rows(patients: Sequence[str], data: DataSection) -> np.ndarray:
+    """Rows whose patient is allowed (in `patients` when given, never in `exclude_patients`)."""
+    patients = np.asarray([str(p) for p in patients])
+    keep = ~np.isin(patients, data.exclude_patients)
+    if data.patients:
+        keep &= np.isin(patients, data.patients)
+    if not keep.any():
+        raise DataError(f"no tile of patch store {data.store} is left after the patient filter "
+                        f"(patients in store: {sorted(set(patients.tolist()))})")
+    return np.flatnonzero(keep)
+
+
+def store_samples(config: TrainConfig, pipeline: Any) -> tuple[StoreSamples, str, str]:
+    from ..data.store import PatchStore
+
+    data = config.data
+    store = PatchStore(data.store)
+    rows = select_rows(store.manifest["patient"], data)
+    patients = sorted({str(p) for p in np.asarray(store.manifest["patient"])[rows]})
+    split = (f"patients {', '.join(patients)}"
+             + (f"; held out: {', '.join(data.exclude_patients)}" if data.exclude_patients else ""))
+    description = (f"Patch store `{data.store}`: {len(rows)} tiles, task {data.task}, "
+                   f"conditions {', '.join(data.conditions) or 'none'}.")
+    return StoreSamples(store, rows, data), description, split
