@@ -31,6 +31,15 @@ from .slides import RegionSums, RegionTranslator, write_translation
 STRIP_BYTES = 64 * 2**20
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is not initialised (a plain run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def shard(batches: Sequence[Any], rank: int, world_size: int) -> list[Any]:
     """This rank's batches: round robin, so tissue-dense areas spread over all ranks."""
     return list(batches[rank::world_size])
@@ -41,7 +50,9 @@ def reduce_sums(sums: RegionSums, device: Any = "cpu") -> None:
     import torch
     import torch.distributed as dist
 
-    rank = dist.get_rank()
+    rank, world = rank_and_world()
+    if world == 1:
+        return
     for array in sums.arrays():
         row_bytes = max(1, int(np.prod(array.shape[1:])) * 8)
         rows = max(1, STRIP_BYTES // row_bytes)
@@ -61,6 +72,10 @@ def _agree(ok: bool, message: str, device: Any) -> None:
     import torch
     import torch.distributed as dist
 
+    if rank_and_world()[1] == 1:
+        if not ok:
+            raise MuPDError(message)
+        return
     flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.SUM)
     if int(flag.item()):
@@ -84,14 +99,12 @@ def translate_distributed(
     device: Any = "cpu",
     progress: Optional[ProgressCallback] = None,
 ) -> Any:
-    """This process's part of a distributed translation (torch.distributed must be initialised).
+    """This process's part of a distributed translation (a plain run without torch.distributed).
 
     Rank 0 returns the RegionTranslation (written to `out` when given); other ranks return None.
     `device` is where the reduction's tensors live (the GPU for NCCL, "cpu" for gloo).
     """
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = rank_and_world()
     start = time.perf_counter()
     refusal = ""
     if rank == 0 and out is not None and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
