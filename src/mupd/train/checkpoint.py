@@ -62,6 +62,8 @@ class CheckpointManager:
         """Called on every process (accelerate writes per-process RNG files)."""
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = self.root / f".tmp-{PREFIX}{step:08d}"
+        if (final / STATE_FILE).is_file():  # e.g. cancelled right after a save: same state
+            return final
         if accelerator.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -71,8 +73,7 @@ class CheckpointManager:
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
             _fsync_tree(tmp)
-            if final.exists():  # the same step saved again (e.g. cancel right after a save)
-                shutil.rmtree(final)
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover without STATE_FILE
             os.replace(tmp, final)
             _fsync_dir(self.root)
             for old in self.checkpoints()[: -self.keep]:

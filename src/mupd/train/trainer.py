@@ -173,7 +173,6 @@ class Trainer:
         window: list[float] = []
         last_loss = first_loss = math.nan
         last_ckpt = self.checkpoints.latest()
-        step = start
         for step in range(start, optim.max_steps):
             if cancel is not None and cancel.cancelled:
                 path = self.save_checkpoint(step, wall_before + time.perf_counter() - t0)
@@ -202,8 +201,9 @@ class Trainer:
             done = step + 1
             lr = float(self.scheduler.get_last_lr()[0])
             elapsed = time.perf_counter() - t0
-            progress(ProgressEvent("train", done, optim.max_steps,
-                                   metrics={"loss": loss_value, "lr": lr}))
+            if acc.is_main_process:  # one progress bar, not one per GPU
+                progress(ProgressEvent("train", done, optim.max_steps,
+                                       metrics={"loss": loss_value, "lr": lr}))
             if done % self.log_every == 0 or done == optim.max_steps:
                 last_loss = float(np.mean(window))
                 first_loss = last_loss if math.isnan(first_loss) else first_loss
