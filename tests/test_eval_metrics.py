@@ -8,7 +8,7 @@ from skimage import data
 
 from mupd.errors import ConditionError
 from mupd.eval.features import FEATURE_NAMES, features, tile_features
-from mupd.eval.metrics import frechet_distance, mean_std, pearson, pearson_per_column
+from mupd.eval.metrics import block_bootstrap_ci, frechet_distance, mean_std, pearson, pearson_per_column
 from mupd.eval.report import fmt, public
 
 
@@ -67,3 +67,17 @@ def test_features_on_real_ihc_find_nuclei_and_none_on_blank_glass():
     assert features([], 0.5).shape == (0, len(FEATURE_NAMES))
     with pytest.raises(ConditionError, match="uint8"):
         tile_features(ihc.astype(np.float32), 0.5)
+
+
+def test_block_bootstrap_interval_covers_the_truth_and_widens_with_correlated_blocks():
+    rng = np.random.default_rng(3)
+    block = np.arange(400) // 20  # 20 blocks of 20 spots sharing block-level signal
+    a, c = rng.normal(size=20), rng.normal(size=20)
+    x = a[block] + 0.3 * rng.normal(size=400)
+    y = 0.5 * a[block] + c[block] + 0.3 * rng.normal(size=400)
+    stat = lambda s: pearson(x[s], y[s])  # noqa: E731
+    lo, hi = block_bootstrap_ci(stat, np.arange(400), n_boot=300)  # as if spots were independent
+    assert lo < pearson(x, y) < hi
+    lo_b, hi_b = block_bootstrap_ci(stat, block, n_boot=300)
+    assert hi_b - lo_b > 1.5 * (hi - lo)
+    assert all(math.isnan(v) for v in block_bootstrap_ci(lambda s: float("nan"), np.arange(10), n_boot=20))

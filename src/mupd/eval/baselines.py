@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from ..errors import DataError
 
 RIDGE_ALPHAS = tuple(np.logspace(-2, 5, 15))
-LOGISTIC_CS = tuple(np.logspace(-3, 2, 11))
+LOGISTIC_CS = tuple(np.logspace(-3, 2, 6))
 
 
 class TrainingMeanBaseline:

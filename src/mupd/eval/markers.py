@@ -11,6 +11,10 @@ from the training patient. Predicted deviation of marker j: mean prediction over
 spots minus mean prediction over training spots; measured: pseudo-bulk log1p(CPM) of the
 section minus that of the training spots pooled (robust to per-spot depth); both divided by
 the training spots' std of gene j. One r per section, resting on as many points as markers.
+
+Uncertainty: 95% block-bootstrap intervals (whole 600 um blocks of spots resampled) for each
+r, for the mean r over markers, and for MuPD minus ridge in mean r; MuPD's interval is that of
+its prediction averaged over seeds.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from sklearn.linear_model import LinearRegression
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
 from .baselines import RidgeBaseline, TrainingMeanBaseline
 from .heldout import footprint_mask
-from .metrics import mean_std, mse_per_column, pearson, pearson_per_column
+from .metrics import block_bootstrap_ci, mean_std, mse_per_column, pearson, pearson_per_column
 from .spots import SpotTable
 
+#: Spatial bootstrap blocks: 3 x 3 array positions (600 um), beyond most spot-to-spot correlation.
+BLOCK_SPOTS = 3
 PAPER_CONTEXT = {"patch_level_r": 0.238, "slide_level_r": 0.464,
                  "note": "MuPD paper, mIF markers on its own data; context, not like-for-like"}
 
@@ -53,7 +59,7 @@ def _slide_deviation(pred_section: np.ndarray, pred_train: np.ndarray, sd: np.nd
 
 def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, str],
                      ridge: RidgeBaseline, pipeline: Any = None, seeds: Sequence[int] = (0, 1, 2), steps: int = 1,
-                     calibration_spots: int = 200,
+                     calibration_spots: int = 200, n_boot: int = 1000,
                      progress: ProgressCallback = no_progress,
                      cancel: Optional[CancelToken] = None) -> dict[str, Any]:
     """`markers`: marker name -> gene; `ridge` fitted on `train` for those genes (in that order).
@@ -109,10 +115,22 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
             predictions[name]["MuPD"] = model_runs[0]["raw"][idx]
         for key in ("ridge", "training-mean"):
             methods[key] = _over_seeds([methods[key]], names)
+        blocks = _spatial_blocks(section.spots.loc[[heldout.spot_ids[i] for i in idx]])
+        point = {"ridge": ridge_pred}
+        if model_runs:
+            point["MuPD"] = np.mean([run["raw"][idx] for run in model_runs], axis=0)
+        for key, P in point.items():
+            methods[key]["r_ci95"] = {
+                m: block_bootstrap_ci(lambda s, j=j, P=P: pearson(P[s, j], Y[s, j]), blocks, n_boot)
+                for j, m in enumerate(names)}
+            methods[key]["mean_r_ci95"] = block_bootstrap_ci(lambda s, P=P: _mean_r(P[s], Y[s]), blocks, n_boot)
         sections[name] = {
             "n_spots": int(len(idx)), "source_mpp": round(section.mpp, 3),
             "absent_genes": heldout.absent_genes.get(name, []),
-            "slide_level_points": len(names), "methods": methods,
+            "slide_level_points": len(names), "methods": methods, "n_blocks": int(len(set(blocks))),
+            "mupd_minus_ridge_mean_r_ci95": block_bootstrap_ci(
+                lambda s: _mean_r(point["MuPD"][s], Y[s]) - _mean_r(ridge_pred[s], Y[s]), blocks, n_boot)
+            if model_runs else None,
             "spot_xy": section.spots.loc[[heldout.spot_ids[i] for i in idx], ["image_x", "image_y"]].to_numpy().tolist(),
         }
     return {
@@ -124,10 +142,20 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
     }
 
 
+def _mean_r(pred: np.ndarray, Y: np.ndarray) -> float:
+    r = [pearson(pred[:, j], Y[:, j]) for j in range(Y.shape[1])]
+    return float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
+
+
+def _spatial_blocks(spots: pd.DataFrame, size: int = BLOCK_SPOTS) -> np.ndarray:
+    """Block id of each spot: `size` x `size` array positions (600 um squares for size 3)."""
+    return ((spots["array_x"] // size) * 1000 + spots["array_y"] // size).to_numpy()
+
+
 def _one_run(pred: np.ndarray, Y: np.ndarray, names: list[str], measured_dev: np.ndarray,
              predicted_dev: np.ndarray, calibrated: Optional[np.ndarray] = None) -> dict[str, Any]:
     r = pearson_per_column(pred, Y, names)
-    return {"r": r, "mean_r": float(np.nanmean(list(r.values()))) if np.isfinite(list(r.values())).any() else float("nan"),
+    return {"r": r, "mean_r": _mean_r(pred, Y),
             "mse": mse_per_column(pred if calibrated is None else calibrated, Y, names),
             "slide_r": pearson(predicted_dev, measured_dev),
             "slide_deviation": {"predicted": predicted_dev.tolist(), "measured": measured_dev.tolist()}}

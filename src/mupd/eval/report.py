@@ -26,6 +26,13 @@ def fmt(value: Any) -> str:
     return f"{value:.3f}"
 
 
+def ci(interval: Any) -> str:
+    """ ' [lo, hi]' for a defined interval, '' otherwise."""
+    if not interval or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in interval):
+        return ""
+    return f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def public(results: Any) -> Any:
     """Results without private (`_`) keys and with NaN as None, for JSON."""
     if isinstance(results, dict):
@@ -115,15 +122,24 @@ def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
                " | ".join(f"MSE {k}" for k in methods) + " |"
         lines += [head, "|" + "---|" * (1 + 2 * len(methods))]
         for marker, gene in m["markers"].items():
-            cells = [fmt(sec["methods"][k]["r"][marker]) for k in methods] + \
+            cells = [fmt(sec["methods"][k]["r"][marker]) + ci(sec["methods"][k].get("r_ci95", {}).get(marker))
+                     for k in methods] + \
                     [fmt(sec["methods"][k]["mse"][marker]) for k in methods]
             lines.append(f"| {marker} ({gene}) | " + " | ".join(cells) + " |")
-        lines.append("| **mean over markers** | " + " | ".join(fmt(sec["methods"][k]["mean_r"]) for k in methods)
+        lines.append("| **mean over markers** | " + " | ".join(
+            fmt(sec["methods"][k]["mean_r"]) + ci(sec["methods"][k].get("mean_r_ci95")) for k in methods)
                      + " |" + " |" * len(methods))
         lines.append(f"| **slide level r** ({sec['slide_level_points']} points) | "
                      + " | ".join(fmt(sec["methods"][k]["slide_r"]) for k in methods) + " |" + " |" * len(methods))
         lines.append("")
+        if sec.get("mupd_minus_ridge_mean_r_ci95"):
+            lo, hi = sec["mupd_minus_ridge_mean_r_ci95"]
+            lines += [f"MuPD minus ridge, mean r over markers: 95% interval [{lo:.3f}, {hi:.3f}] "
+                      f"({'MuPD better' if lo > 0 else 'ridge better' if hi < 0 else 'no clear difference'}).", ""]
     lines += [
+        "Brackets: 95% block-bootstrap interval (whole 3x3-spot, 600 um blocks resampled; "
+        "MuPD's from its prediction averaged over seeds).",
+        "",
         "Slide level (our definition): per held-out section, Pearson r across the markers between "
         "the predicted and measured deviation of the section from the training patient (mean "
         "prediction on the section minus on training spots, vs pseudo-bulk log1p CPM of the "

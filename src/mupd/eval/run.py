@@ -46,6 +46,7 @@ class EvalSettings:
     steps: int = 20  # generation sampling steps
     translate_steps: int = 1
     calibration_spots: int = 200
+    bootstrap: int = 1000  # block-bootstrap draws for the marker intervals
     shots: int = 8
     synthetic: int = 16
 
@@ -54,7 +55,7 @@ class EvalSettings:
             self.train_spots = self.train_spots or 40
             self.heldout_spots = self.heldout_spots or 48
             self.n_tiles, self.steps, self.calibration_spots = 8, 4, 48
-            self.shots, self.synthetic = 4, 4
+            self.shots, self.synthetic, self.bootstrap = 4, 4, 200
 
 
 def run_evaluation(model: Any, out: Path | str, settings: EvalSettings,
@@ -96,7 +97,7 @@ def run_evaluation(model: Any, out: Path | str, settings: EvalSettings,
     }
     results["markers"] = evaluate_markers(train, heldout, markers, ridge, pipeline, seeds,
                                           settings.translate_steps, settings.calibration_spots,
-                                          progress, cancel)
+                                          settings.bootstrap, progress, cancel)
     space = FeatureSpace(train, encoder)
     results["rna_to_he"] = evaluate_rna_to_he(pipeline, train, primary, genes, ridge, space, seeds,
                                               settings.n_tiles, settings.steps, progress, cancel)
