@@ -10,6 +10,7 @@ from skimage.color import rgb2hed
 from mupd.cli import main
 from mupd.errors import OutputExistsError
 from mupd.eval.run import EvalSettings, run_evaluation
+from test_eval_encoder import save_tiny_vit
 
 
 class HematoxylinPipeline:
@@ -43,7 +44,9 @@ def _no_nan(text):
 def report(shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     pipe = HematoxylinPipeline()
-    settings = EvalSettings(data_root=shared_data, quick=True, train_spots=24, heldout_spots=32)
+    encoder = save_tiny_vit(tmp_path_factory.mktemp("vit"))
+    settings = EvalSettings(data_root=shared_data, quick=True, train_spots=24, heldout_spots=32,
+                            encoder=str(encoder))
     results = run_evaluation(pipe, out, settings)
     return out, results, pipe, settings
 
@@ -55,7 +58,7 @@ def test_report_states_every_task_with_baselines_and_undefined_values(report):
         assert heading in md
     assert "QUICK" in md and "Seeds: 0, 1, 2" in md and "B4" in md and "A1" in md
     assert "r MuPD" in md and "r ridge" in md and "undefined" in md and "0.238" in md
-    assert "MuPD minus ridge" in md and "block-bootstrap" in md
+    assert "MuPD minus ridge" in md and "block-bootstrap" in md and "FD encoder" in md
     saved = _no_nan((out / "results.json").read_text())
     assert saved["markers"]["sections"]["B4"]["methods"]["training-mean"]["r"]["HER2"]["n"] == 0
     assert saved["feature_extractor"]["handcrafted"][0] == "rgb_mean_R"
@@ -68,6 +71,7 @@ def test_model_numbers_are_measured_over_three_seeds(report):
     b4 = results["markers"]["sections"]["B4"]["methods"]["MuPD"]
     assert b4["n_seeds"] == 3 and b4["r"]["HER2"]["n"] == 3
     assert -1 <= b4["r"]["HER2"]["mean"] <= 1
+    assert set(results["rna_to_he"]["fd"]["encoder"]) == set(results["rna_to_he"]["fd"]["handcrafted"])
     fd = results["rna_to_he"]["fd"]["handcrafted"]
     # IHC crops are not H&E: they must sit farther from real H&E than real H&E from itself.
     assert fd["MuPD (RNA)"]["mean"] > fd["real (other half)"]["mean"]
