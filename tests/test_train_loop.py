@@ -259,3 +259,40 @@ def test_two_process_ddp_resume_matches(tmp_path):
               for run in ("straight", "resumed") for r in (0, 1)]
     for other in finals[1:]:
         assert all(torch.equal(finals[0][k], other[k]) for k in finals[0])
+
+
+def test_train_from_config_writes_model_folder_and_card(tmp_path):
+    """`train()` end to end on a captions folder of real tiles, with the stand-in pipeline."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from mupd.errors import OutputExistsError
+    from mupd.train.config import config_from_dict
+    from mupd.train.run import train
+
+    class SavingStandIn(StandInPipeline):
+        tile_size, mpp = TILE, 0.5
+
+        def save_pretrained(self, folder):
+            Path(folder).mkdir(parents=True)
+            save_file(self.transformer.state_dict(), str(Path(folder) / "weights.safetensors"))
+
+    data = tmp_path / "captions"
+    data.mkdir()
+    for i, s in enumerate(real_tiles()[:6]):
+        Image.fromarray(s.target).save(data / f"{i}.png")
+    (data / "captions.csv").write_text("file,caption\n" + "".join(
+        f"{i}.png,colon IHC\n" for i in range(6)))
+    config = config_from_dict({"output": str(tmp_path / "run"), "data": {"store": str(data)},
+                               "optim": {"max_steps": 4, "batch_size": 2},
+                               "checkpoint": {"every": 2}, "log_every": 2})
+    result = train(config, pipeline=SavingStandIn(), command="mupd train --config x.yaml")
+    model = tmp_path / "run" / "model"
+    assert (model / "weights.safetensors").is_file() and result.steps == 4
+    card = (model / "MODEL_CARD.md").read_text()
+    assert "`mupd train --config x.yaml`" in card and "6 captioned H&E tiles" in card
+    assert "steps: 4 (batch 2 = 2 x 1 process(es) x 1 accumulation)" in card
+    assert "EMA of the trained weights" in card and "To be filled by `mupd eval`" in card
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["max_steps"] == 4
+    with pytest.raises(OutputExistsError, match="this run finished"):
+        train(config, pipeline=SavingStandIn(), resume=True)

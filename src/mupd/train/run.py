@@ -54,11 +54,15 @@ def _check_output(run_dir: Path, resume: bool) -> None:
 
 
 def train(config: TrainConfig, resume: bool = False, progress: Optional[ProgressCallback] = None,
-          cancel: Optional[CancelToken] = None, command: str = "") -> TrainResult:
-    """Train per `config`; with `resume`, continue from the newest checkpoint if there is one."""
+          cancel: Optional[CancelToken] = None, command: str = "", pipeline: Any = None) -> TrainResult:
+    """Train per `config`; with `resume`, continue from the newest checkpoint if there is one.
+
+    `pipeline`: an already-built pipeline to train instead of `config.model` (callers that hold
+    one, e.g. an engine); it must match `config.model` when resuming.
+    """
     run_dir = Path(config.output)
     _check_output(run_dir, resume)
-    pipeline = load_pipeline(config.model)
+    pipeline = pipeline if pipeline is not None else load_pipeline(config.model)
     samples, data_text, split_text = training_samples(config, pipeline)
     trainer = Trainer(pipeline, samples, config.optim, config.checkpoint, run_dir,
                       num_workers=config.data.num_workers, log_every=config.log_every)
