@@ -30,9 +30,9 @@ class Sample:
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 or (H, W) [0, 1] float -> (3, H, W) float in [-1, 1]."""
     if image.ndim == 2:  # a marker map: same intensity on the three channels
-        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).clamp(0, 1)
+        x = torch.from_numpy(np.array(image, dtype=np.float32)).clamp(0, 1)
         return (x * 2 - 1).expand(3, *x.shape).contiguous()
-    x = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float()
+    x = torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1).float()
     return x / 127.5 - 1.0
 
 
