@@ -1,13 +1,14 @@
 """Baselines on real HER2ST spots with the patient-level split (train C, test B4 / A1)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 
 from mupd.errors import DataError
 from mupd.eval.augment import tertile_classes
-from mupd.eval.baselines import RidgeBaseline, TrainingMeanBaseline
+from mupd.eval.baselines import RidgeBaseline, TrainingMeanBaseline, fit_logistic
 from mupd.eval.features import features
 from mupd.eval.heldout import TRAIN_SECTIONS, footprint_mask, load_section
 from mupd.eval.metrics import frechet_distance, pearson
@@ -82,3 +83,13 @@ def test_footprint_is_the_100um_spot_or_the_whole_tile():
     mask = footprint_mask(128, 1.0)
     assert mask.sum() == pytest.approx(np.pi * 50**2, rel=0.02)
     assert footprint_mask(32, 1.0).all()
+
+
+def test_logistic_scorer_skips_folds_a_single_class_cannot_score(tables):
+    train, _ = tables
+    y = (train.expression["ERBB2"].to_numpy() > np.median(train.expression["ERBB2"])).astype(int)
+    y[train.section_of == "C2"] = 0  # as if the gene were undetected in one section
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NaN fold scores, no silent default pick
+        model = fit_logistic(train.features, y, list(train.section_of))
+    assert set(model.predict(train.features)) == {0, 1}

@@ -8,7 +8,8 @@ from skimage import data
 
 from mupd.errors import ConditionError
 from mupd.eval.features import FEATURE_NAMES, features, tile_features
-from mupd.eval.metrics import block_bootstrap_ci, frechet_distance, mean_std, pearson, pearson_per_column
+from mupd.eval.metrics import (block_bootstrap_ci, frechet_distance, mean_std, partial_pearson, pearson,
+                               pearson_per_column)
 from mupd.eval.report import fmt, public
 
 
@@ -81,3 +82,12 @@ def test_block_bootstrap_interval_covers_the_truth_and_widens_with_correlated_bl
     lo_b, hi_b = block_bootstrap_ci(stat, block, n_boot=300)
     assert hi_b - lo_b > 1.5 * (hi - lo)
     assert all(math.isnan(v) for v in block_bootstrap_ci(lambda s: float("nan"), np.arange(10), n_boot=20))
+
+
+def test_partial_pearson_removes_a_shared_confounder():
+    rng = np.random.default_rng(4)
+    depth = rng.normal(size=500)
+    pred, true = depth + 0.3 * rng.normal(size=500), depth + 0.3 * rng.normal(size=500)
+    assert pearson(pred, true) > 0.8
+    assert abs(partial_pearson(pred, true, depth)) < 0.15
+    assert math.isnan(partial_pearson(pred, true, np.ones(500)))

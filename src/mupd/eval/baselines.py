@@ -62,10 +62,17 @@ class RidgeBaseline:
 
 def fit_logistic(X: np.ndarray, y: np.ndarray, groups: Sequence[str] | None = None) -> Pipeline:
     """Standardised features -> logistic regression; C by GroupKFold over sections when groups
-    are given (held-out scorers), a fixed C=1 otherwise (few-shot sets are too small to tune)."""
+    are given (held-out scorers), a fixed C=1 otherwise (few-shot sets are too small to tune).
+    Folds whose held-out section has one class only (a gene undetected there) cannot score a
+    balanced accuracy and are left out; with none left, C stays 1."""
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
+    y = np.asarray(y)
     if groups is None:
         return model.fit(X, y)
-    search = GridSearchCV(model, {"logisticregression__C": LOGISTIC_CS}, cv=_group_cv(groups),
+    folds = [(train, test) for train, test in _group_cv(groups).split(X, y, groups)
+             if len(np.unique(y[test])) == 2 and len(np.unique(y[train])) == 2]
+    if not folds:
+        return model.fit(X, y)
+    search = GridSearchCV(model, {"logisticregression__C": LOGISTIC_CS}, cv=folds,
                           scoring="balanced_accuracy")
-    return search.fit(X, y, groups=groups).best_estimator_
+    return search.fit(X, y).best_estimator_

@@ -15,6 +15,11 @@ the training spots' std of gene j. One r per section, resting on as many points 
 Uncertainty: 95% block-bootstrap intervals (whole 600 um blocks of spots resampled) for each
 r, for the mean r over markers, and for MuPD minus ridge in mean r; MuPD's interval is that of
 its prediction averaged over seeds.
+
+Depth check: a spot's sequencing depth follows its cellularity, which an image shows, and
+shallow spots (B4: ~650 UMI) turn detection noise into log-CPM jumps. Each section reports the
+r of the measurement with log depth and each method's partial r given log depth, so a
+prediction that only tracks cellularity is visible as such.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from sklearn.linear_model import LinearRegression
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
 from .baselines import RidgeBaseline, TrainingMeanBaseline
 from .heldout import footprint_mask
-from .metrics import block_bootstrap_ci, mean_std, mse_per_column, pearson, pearson_per_column
+from .metrics import (block_bootstrap_ci, mean_std, mse_per_column, partial_pearson, pearson,
+                      pearson_per_column)
 from .spots import SpotTable
 
 #: Spatial bootstrap blocks: 3 x 3 array positions (600 um), beyond most spot-to-spot correlation.
@@ -124,8 +130,14 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
                 m: block_bootstrap_ci(lambda s, j=j, P=P: pearson(P[s, j], Y[s, j]), blocks, n_boot)
                 for j, m in enumerate(names)}
             methods[key]["mean_r_ci95"] = block_bootstrap_ci(lambda s, P=P: _mean_r(P[s], Y[s]), blocks, n_boot)
+        spot_ids = [heldout.spot_ids[i] for i in idx]
+        depth = np.log1p(section.counts.loc[spot_ids].sum(axis=1).to_numpy(dtype=float))
+        for key, P in point.items():
+            methods[key]["partial_r_given_depth"] = {
+                m: partial_pearson(P[:, j], Y[:, j], depth) for j, m in enumerate(names)}
         sections[name] = {
             "n_spots": int(len(idx)), "source_mpp": round(section.mpp, 3),
+            "measured_r_with_log_depth": {m: pearson(Y[:, j], depth) for j, m in enumerate(names)},
             "absent_genes": heldout.absent_genes.get(name, []),
             "slide_level_points": len(names), "methods": methods, "n_blocks": int(len(set(blocks))),
             "mupd_minus_ridge_mean_r_ci95": block_bootstrap_ci(

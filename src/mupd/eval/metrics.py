@@ -23,6 +23,15 @@ def pearson(pred: Sequence[float], true: Sequence[float]) -> float:
     return float((x @ y) / math.sqrt((x @ x) * (y @ y)))
 
 
+def partial_pearson(pred: Sequence[float], true: Sequence[float], control: Sequence[float]) -> float:
+    """Pearson r of pred and true with `control` regressed out of both (NaN when undefined)."""
+    r_pt, r_pc, r_tc = pearson(pred, true), pearson(pred, control), pearson(true, control)
+    denom = (1 - r_pc**2) * (1 - r_tc**2)
+    if not np.isfinite([r_pt, r_pc, r_tc]).all() or denom <= 0:
+        return math.nan
+    return float((r_pt - r_pc * r_tc) / math.sqrt(denom))
+
+
 def pearson_per_column(pred: np.ndarray, true: np.ndarray, names: Sequence[str]) -> dict[str, float]:
     """Pearson r of each column (marker) of (N, M) predictions against (N, M) measurements."""
     pred, true = np.asarray(pred), np.asarray(true)

@@ -119,25 +119,34 @@ def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
         if sec["absent_genes"]:
             lines += [f"Genes with no counts in {name} (measured 0, r undefined): "
                       f"{', '.join(sec['absent_genes'])}.", ""]
-        head = "| marker (gene) | " + " | ".join(f"r {k}" for k in methods) + " | " + \
-               " | ".join(f"MSE {k}" for k in methods) + " |"
-        lines += [head, "|" + "---|" * (1 + 2 * len(methods))]
+        partial = [k for k in methods if "partial_r_given_depth" in sec["methods"][k]]
+        head = ("| marker (gene) | " + " | ".join(f"r {k}" for k in methods) + " | "
+                + " | ".join(f"MSE {k}" for k in methods) + " | "
+                + " | ".join(f"partial r {k} given depth" for k in partial) + " | r measured vs log depth |")
+        extra = len(methods) + len(partial) + 1
+        lines += [head, "|" + "---|" * (1 + len(methods) + extra)]
         for marker, gene in m["markers"].items():
             cells = [fmt(sec["methods"][k]["r"][marker]) + ci(sec["methods"][k].get("r_ci95", {}).get(marker))
-                     for k in methods] + \
-                    [fmt(sec["methods"][k]["mse"][marker]) for k in methods]
+                     for k in methods]
+            cells += [fmt(sec["methods"][k]["mse"][marker]) for k in methods]
+            cells += [fmt(sec["methods"][k]["partial_r_given_depth"][marker]) for k in partial]
+            cells.append(fmt(sec["measured_r_with_log_depth"][marker]))
             lines.append(f"| {marker} ({gene}) | " + " | ".join(cells) + " |")
         lines.append("| **mean over markers** | " + " | ".join(
             fmt(sec["methods"][k]["mean_r"]) + ci(sec["methods"][k].get("mean_r_ci95")) for k in methods)
-                     + " |" + " |" * len(methods))
+                     + " |" + " |" * extra)
         lines.append(f"| **slide level r** ({sec['slide_level_points']} points) | "
-                     + " | ".join(fmt(sec["methods"][k]["slide_r"]) for k in methods) + " |" + " |" * len(methods))
+                     + " | ".join(fmt(sec["methods"][k]["slide_r"]) for k in methods) + " |" + " |" * extra)
         lines.append("")
         if sec.get("mupd_minus_ridge_mean_r_ci95"):
             lo, hi = sec["mupd_minus_ridge_mean_r_ci95"]
             lines += [f"MuPD minus ridge, mean r over markers: 95% interval [{lo:.3f}, {hi:.3f}] "
                       f"({'MuPD better' if lo > 0 else 'ridge better' if hi < 0 else 'no clear difference'}).", ""]
     lines += [
+        "Depth check: spot depth follows cellularity, which the image shows; the last columns give "
+        "the measurement's r with log spot depth and each method's partial r with log depth "
+        "regressed out. A method whose r vanishes there predicts cellularity, not the marker.",
+        "",
         "Brackets: 95% block-bootstrap interval (whole 3x3-spot, 600 um blocks resampled; "
         "MuPD's from its prediction averaged over seeds).",
         "",
@@ -197,9 +206,10 @@ def _text_md(t: dict[str, Any], has_model: bool) -> list[str]:
     ]
     for marker, e in t["attributes"].items():
         agree = e.get("prompt_agreement", {})
+        cells = [fmt(v) if has_model else "not run (no model)"
+                 for v in (agree.get("high"), agree.get("low"), e.get("prompt_agreement_mean"))]
         lines.append(f"| {marker} ({e['gene']}) | {fmt(e['scorer_heldout_balanced_accuracy'])} | "
-                     f"{fmt(agree.get('high'))} | {fmt(agree.get('low'))} | "
-                     f"{fmt(e.get('prompt_agreement_mean'))} |")
+                     + " | ".join(cells) + " |")
     return lines + [""]
 
 
