@@ -7,7 +7,6 @@ the engine expect. Both directions of that conversion live here. Existing paths 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
