@@ -16,6 +16,9 @@ Uncertainty: 95% block-bootstrap intervals (whole 600 um blocks of spots resampl
 r, for the mean r over markers, and for MuPD minus ridge in mean r; MuPD's interval is that of
 its prediction averaged over seeds.
 
+Block level: the same r over 600 um blocks (3 x 3 array positions): mean prediction of the
+block's spots against log1p CPM of the block's pooled counts.
+
 Depth check: a spot's sequencing depth follows its cellularity, which an image shows, and
 shallow spots (B4: ~650 UMI) turn detection noise into log-CPM jumps. Each section reports the
 r of the measurement with log depth and each method's partial r given log depth, so a
@@ -121,29 +124,26 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
             predictions[name]["MuPD"] = model_runs[0]["raw"][idx]
         for key in ("ridge", "training-mean"):
             methods[key] = _over_seeds([methods[key]], names)
-        blocks = _spatial_blocks(section.spots.loc[[heldout.spot_ids[i] for i in idx]])
+        spot_ids = [heldout.spot_ids[i] for i in idx]
+        blocks = _spatial_blocks(section.spots.loc[spot_ids])
+        counts = section.counts.loc[spot_ids]
         point = {"ridge": ridge_pred}
         if model_runs:
             point["MuPD"] = np.mean([run["raw"][idx] for run in model_runs], axis=0)
+        depth = np.log1p(counts.sum(axis=1).to_numpy(dtype=float))
+        block_measured = _block_log_cpm(counts, genes, blocks)
         for key, P in point.items():
-            methods[key]["r_ci95"] = {
-                m: block_bootstrap_ci(lambda s, j=j, P=P: pearson(P[s, j], Y[s, j]), blocks, n_boot)
-                for j, m in enumerate(names)}
-            methods[key]["mean_r_ci95"] = block_bootstrap_ci(lambda s, P=P: _mean_r(P[s], Y[s]), blocks, n_boot)
-        spot_ids = [heldout.spot_ids[i] for i in idx]
-        depth = np.log1p(section.counts.loc[spot_ids].sum(axis=1).to_numpy(dtype=float))
-        for key, P in point.items():
-            methods[key]["partial_r_given_depth"] = {
-                m: partial_pearson(P[:, j], Y[:, j], depth) for j, m in enumerate(names)}
+            methods[key].update(_spatial_checks(P, Y, names, blocks, depth, block_measured, n_boot))
         sections[name] = {
             "n_spots": int(len(idx)), "source_mpp": round(section.mpp, 3),
+            "n_blocks": int(len(set(blocks))),
             "measured_r_with_log_depth": {m: pearson(Y[:, j], depth) for j, m in enumerate(names)},
             "absent_genes": heldout.absent_genes.get(name, []),
-            "slide_level_points": len(names), "methods": methods, "n_blocks": int(len(set(blocks))),
+            "slide_level_points": len(names), "methods": methods,
             "mupd_minus_ridge_mean_r_ci95": block_bootstrap_ci(
                 lambda s: _mean_r(point["MuPD"][s], Y[s]) - _mean_r(ridge_pred[s], Y[s]), blocks, n_boot)
             if model_runs else None,
-            "spot_xy": section.spots.loc[[heldout.spot_ids[i] for i in idx], ["image_x", "image_y"]].to_numpy().tolist(),
+            "spot_xy": section.spots.loc[spot_ids, ["image_x", "image_y"]].to_numpy().tolist(),
         }
     return {
         "markers": markers, "seeds": list(seeds) if model_runs else [],
@@ -157,6 +157,30 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
 def _mean_r(pred: np.ndarray, Y: np.ndarray) -> float:
     r = [pearson(pred[:, j], Y[:, j]) for j in range(Y.shape[1])]
     return float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
+
+
+def _spatial_checks(P: np.ndarray, Y: np.ndarray, names: list[str], blocks: np.ndarray,
+                    depth: np.ndarray, block_measured: np.ndarray, n_boot: int) -> dict[str, Any]:
+    """Block-bootstrap intervals, partial r given log depth, and block-level r of one method."""
+    ids = np.unique(blocks)
+    block_pred = np.stack([P[blocks == b].mean(axis=0) for b in ids])
+    return {
+        "r_ci95": {m: block_bootstrap_ci(lambda s, j=j: pearson(P[s, j], Y[s, j]), blocks, n_boot)
+                   for j, m in enumerate(names)},
+        "mean_r_ci95": block_bootstrap_ci(lambda s: _mean_r(P[s], Y[s]), blocks, n_boot),
+        "partial_r_given_depth": {m: partial_pearson(P[:, j], Y[:, j], depth) for j, m in enumerate(names)},
+        "block_r": pearson_per_column(block_pred, block_measured, names),
+        "block_mean_r": _mean_r(block_pred, block_measured),
+    }
+
+
+def _block_log_cpm(counts: pd.DataFrame, genes: list[str], blocks: np.ndarray) -> np.ndarray:
+    """(blocks, genes) log1p CPM of each block's summed counts: pooled, so shallow spots count less."""
+    ids = np.unique(blocks)
+    table = counts.reindex(columns=genes, fill_value=0).to_numpy(dtype=float)
+    total = counts.to_numpy(dtype=float).sum(axis=1)
+    return np.stack([np.log1p(table[blocks == b].sum(axis=0) / max(total[blocks == b].sum(), 1) * 1e6)
+                     for b in ids])
 
 
 def _spatial_blocks(spots: pd.DataFrame, size: int = BLOCK_SPOTS) -> np.ndarray:

@@ -138,6 +138,14 @@ def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
         lines.append(f"| **slide level r** ({sec['slide_level_points']} points) | "
                      + " | ".join(fmt(sec["methods"][k]["slide_r"]) for k in methods) + " |" + " |" * extra)
         lines.append("")
+        block = [k for k in methods if "block_r" in sec["methods"][k]]
+        lines += [f"Block level ({sec['n_blocks']} blocks of 600 um, pooled counts):", "",
+                  "| marker | " + " | ".join(f"block r {k}" for k in block) + " |",
+                  "|---|" + "---|" * len(block)]
+        for marker in m["markers"]:
+            lines.append(f"| {marker} | " + " | ".join(fmt(sec["methods"][k]["block_r"][marker]) for k in block) + " |")
+        lines.append("| **mean** | " + " | ".join(fmt(sec["methods"][k]["block_mean_r"]) for k in block) + " |")
+        lines.append("")
         if sec.get("mupd_minus_ridge_mean_r_ci95"):
             lo, hi = sec["mupd_minus_ridge_mean_r_ci95"]
             lines += [f"MuPD minus ridge, mean r over markers: 95% interval [{lo:.3f}, {hi:.3f}] "
