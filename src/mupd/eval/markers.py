@@ -121,7 +121,6 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
                              _slide_deviation(run["calibrated"][idx], run["train"], sd),
                              calibrated=run["calibrated"][idx]) for run in model_runs]
             methods = {"MuPD": _over_seeds(runs, names), **methods}
-            predictions[name]["MuPD"] = model_runs[0]["raw"][idx]
         for key in ("ridge", "training-mean"):
             methods[key] = _over_seeds([methods[key]], names)
         spot_ids = [heldout.spot_ids[i] for i in idx]
@@ -130,6 +129,7 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
         point = {"ridge": ridge_pred}
         if model_runs:
             point["MuPD"] = np.mean([run["raw"][idx] for run in model_runs], axis=0)
+            predictions[name]["MuPD"] = point["MuPD"]
         depth = np.log1p(counts.sum(axis=1).to_numpy(dtype=float))
         block_measured = _block_log_cpm(counts, genes, blocks)
         for key, P in point.items():
