@@ -58,7 +58,8 @@ def test_report_states_every_task_with_baselines_and_undefined_values(report):
         assert heading in md
     assert "QUICK" in md and "Seeds: 0, 1, 2" in md and "B4" in md and "A1" in md
     assert "r MuPD" in md and "r ridge" in md and "undefined" in md and "0.238" in md
-    assert "MuPD minus ridge" in md and "block-bootstrap" in md and "FD encoder" in md
+    assert "MuPD minus ridge" in md and "MuPD minus hematoxylin density" in md
+    assert "block-bootstrap" in md and "FD encoder" in md and "r hematoxylin density" in md
     assert "block r MuPD" in md and "partial r MuPD given depth" in md
     saved = _no_nan((out / "results.json").read_text())
     assert saved["markers"]["sections"]["B4"]["methods"]["training-mean"]["r"]["HER2"]["n"] == 0

@@ -30,16 +30,20 @@ def marker_figure(markers: dict[str, Any], image_paths: dict[str, str], out: Pat
     names = list(markers["markers"])
     j = names.index(marker) if marker in names else 0
     sections = markers["sections"]
-    cols = ["source H&E", f"measured {names[j]} ({markers['markers'][names[j]]}, log1p CPM)",
-            "ridge on handcrafted features", "MuPD"]
     fig, axes = plt.subplots(len(sections), 4, figsize=(16, 4 * len(sections)), squeeze=False)
     for row, (name, sec) in enumerate(sections.items()):
+        baseline = max(("ridge", "hematoxylin density"),
+                       key=lambda k: sec["methods"][k]["mean_r"]["mean"] or -1.0)  # strongest here
+        cols = [f"{name}: source H&E", f"measured {names[j]} ({markers['markers'][names[j]]}, log1p CPM)",
+                f"best baseline: {baseline}", "MuPD"]
+        for col, title in enumerate(cols):
+            axes[row, col].set_title(title, fontsize=10)
         thumb, scale = _thumbnail(image_paths[name])
         xy = np.asarray(sec["spot_xy"]) * scale
         preds = markers["_predictions"][name]
         axes[row, 0].imshow(thumb)
         axes[row, 0].set_ylabel(f"{name} (held out)")
-        for col, key in enumerate(("measured", "ridge", "MuPD"), start=1):
+        for col, key in enumerate(("measured", baseline, "MuPD"), start=1):
             ax = axes[row, col]
             ax.imshow(thumb, alpha=0.35)
             if key in preds:
@@ -47,12 +51,10 @@ def marker_figure(markers: dict[str, Any], image_paths: dict[str, str], out: Pat
                 sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=18, cmap="magma")
                 fig.colorbar(sc, ax=ax, fraction=0.04)
                 if key != "measured":
-                    r = sec["methods"]["MuPD" if key == "MuPD" else key]["r"][names[j]]["mean"]
+                    r = sec["methods"][key]["r"][names[j]]["mean"]
                     ax.set_xlabel(f"r = {r:.3f}" if r is not None else "r undefined")
             else:
                 ax.text(0.5, 0.5, "no model given", ha="center", transform=ax.transAxes)
-        for col, title in enumerate(cols):
-            axes[0, col].set_title(title, fontsize=10)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     return _save(fig, out / "fig-markers.png")

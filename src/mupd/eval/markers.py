@@ -13,7 +13,7 @@ section minus that of the training spots pooled (robust to per-spot depth); both
 the training spots' std of gene j. One r per section, resting on as many points as markers.
 
 Uncertainty: 95% block-bootstrap intervals (whole 600 um blocks of spots resampled) for each
-r, for the mean r over markers, and for MuPD minus ridge in mean r; MuPD's interval is that of
+r, for the mean r over markers, and for MuPD minus each baseline in mean r; MuPD's interval is that of
 its prediction averaged over seeds.
 
 Block level: the same r over 600 um blocks (3 x 3 array positions): mean prediction of the
@@ -35,11 +35,15 @@ from sklearn.linear_model import LinearRegression
 
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
 from .baselines import RidgeBaseline, TrainingMeanBaseline
+from .features import FEATURE_NAMES
 from .heldout import footprint_mask
 from .metrics import (block_bootstrap_ci, mean_std, mse_per_column, partial_pearson, pearson,
                       pearson_per_column)
 from .spots import SpotTable
 
+#: The untrained cellularity baseline: mean hematoxylin optical density of the tile, the same
+#: number for every marker (linearly mapped to each gene on training spots for MSE / slide level).
+DENSITY = "hematoxylin density"
 #: Spatial bootstrap blocks: 3 x 3 array positions (600 um), beyond most spot-to-spot correlation.
 BLOCK_SPOTS = 3
 PAPER_CONTEXT = {"patch_level_r": 0.238, "slide_level_r": 0.464,
@@ -101,6 +105,13 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
                 for j in range(len(names))])
             model_runs.append({"raw": pred_held, "calibrated": calibrated, "train": cal_train})
 
+    h = FEATURE_NAMES.index("hematoxylin_mean")
+    density = np.repeat(heldout.features[:, [h]], len(names), axis=1)
+    density_train = np.repeat(train.features[:, [h]], len(names), axis=1)
+    fits = [LinearRegression().fit(density_train[:, [j]], Y_train[:, j]) for j in range(len(names))]
+    density_cal = np.column_stack([f.predict(density[:, [j]]) for j, f in enumerate(fits)])
+    density_cal_train = np.column_stack([f.predict(density_train[:, [j]]) for j, f in enumerate(fits)])
+
     sections: dict[str, Any] = {}
     predictions: dict[str, dict[str, np.ndarray]] = {}
     for name in dict.fromkeys(heldout.section_of):
@@ -114,19 +125,22 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
             "ridge": _one_run(ridge_pred, Y, names, measured_dev,
                               _slide_deviation(ridge_pred, ridge_train, sd)),
             "training-mean": _one_run(mean_pred, Y, names, measured_dev, np.zeros(len(names))),
+            DENSITY: _one_run(density[idx], Y, names, measured_dev,
+                              _slide_deviation(density_cal[idx], density_cal_train, sd),
+                              calibrated=density_cal[idx]),
         }
-        predictions[name] = {"measured": Y, "ridge": ridge_pred}
+        predictions[name] = {"measured": Y, "ridge": ridge_pred, DENSITY: density[idx]}
         if model_runs:
             runs = [_one_run(run["raw"][idx], Y, names, measured_dev,
                              _slide_deviation(run["calibrated"][idx], run["train"], sd),
                              calibrated=run["calibrated"][idx]) for run in model_runs]
             methods = {"MuPD": _over_seeds(runs, names), **methods}
-        for key in ("ridge", "training-mean"):
+        for key in ("ridge", DENSITY, "training-mean"):
             methods[key] = _over_seeds([methods[key]], names)
         spot_ids = [heldout.spot_ids[i] for i in idx]
         blocks = _spatial_blocks(section.spots.loc[spot_ids])
         counts = section.counts.loc[spot_ids]
-        point = {"ridge": ridge_pred}
+        point = {"ridge": ridge_pred, DENSITY: density[idx]}
         if model_runs:
             point["MuPD"] = np.mean([run["raw"][idx] for run in model_runs], axis=0)
             predictions[name]["MuPD"] = point["MuPD"]
@@ -140,9 +154,10 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
             "measured_r_with_log_depth": {m: pearson(Y[:, j], depth) for j, m in enumerate(names)},
             "absent_genes": heldout.absent_genes.get(name, []),
             "slide_level_points": len(names), "methods": methods,
-            "mupd_minus_ridge_mean_r_ci95": block_bootstrap_ci(
-                lambda s: _mean_r(point["MuPD"][s], Y[s]) - _mean_r(ridge_pred[s], Y[s]), blocks, n_boot)
-            if model_runs else None,
+            "mupd_minus_baseline_mean_r_ci95": {
+                key: block_bootstrap_ci(
+                    lambda s, B=point[key]: _mean_r(point["MuPD"][s], Y[s]) - _mean_r(B[s], Y[s]), blocks, n_boot)
+                for key in ("ridge", DENSITY)} if model_runs else {},
             "spot_xy": section.spots.loc[spot_ids, ["image_x", "image_y"]].to_numpy().tolist(),
         }
     return {
@@ -203,6 +218,7 @@ def _over_seeds(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         "n_seeds": len(runs),
         "r": {m: agg("r", m) for m in names}, "mse": {m: agg("mse", m) for m in names},
         "mean_r": mean_std([run["mean_r"] for run in runs]).to_dict(),
+        "mean_r_per_seed": [run["mean_r"] for run in runs],
         "slide_r": mean_std([run["slide_r"] for run in runs]).to_dict(),
         "slide_deviation": runs[0]["slide_deviation"],
     }

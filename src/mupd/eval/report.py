@@ -102,13 +102,15 @@ def render_markdown(r: dict[str, Any], figures: dict[str, str]) -> str:
 
 
 def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
-    methods = (["MuPD"] if has_model else []) + ["ridge", "training-mean"]
+    methods = (["MuPD"] if has_model else []) + ["ridge", "hematoxylin density", "training-mean"]
     lines = [
         "## 1. Virtual marker staining (held-out spots)",
         "",
         "Spot level: Pearson r per marker between the prediction (MuPD: marker map averaged over "
         "the 100 um spot footprint) and log1p(CPM) of the marker's gene. The training-mean "
         "predictor is constant, so its r is **undefined** (not 0); its MSE is given instead. "
+        "Hematoxylin density (untrained: the tile's mean hematoxylin optical density, one number "
+        "for every marker) is the cellularity baseline a marker prediction has to beat. "
         "MSE is in log1p(CPM) units (MuPD's [0, 1] intensities mapped by a per-marker linear fit on "
         f"{m['calibration_spots']} training spots). Ridge: {m['n_train_spots']} training spots, "
         "penalty per marker by 5-fold cross-validation grouped by section, inside patient C only.",
@@ -120,23 +122,25 @@ def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
             lines += [f"Genes with no counts in {name} (measured 0, r undefined): "
                       f"{', '.join(sec['absent_genes'])}.", ""]
         partial = [k for k in methods if "partial_r_given_depth" in sec["methods"][k]]
-        head = ("| marker (gene) | " + " | ".join(f"r {k}" for k in methods) + " | "
-                + " | ".join(f"MSE {k}" for k in methods) + " | "
-                + " | ".join(f"partial r {k} given depth" for k in partial) + " | r measured vs log depth |")
-        extra = len(methods) + len(partial) + 1
-        lines += [head, "|" + "---|" * (1 + len(methods) + extra)]
+        lines += ["| marker (gene) | " + " | ".join(f"r {k}" for k in methods) + " |",
+                  "|---|" + "---|" * len(methods)]
         for marker, gene in m["markers"].items():
-            cells = [fmt(sec["methods"][k]["r"][marker]) + ci(sec["methods"][k].get("r_ci95", {}).get(marker))
-                     for k in methods]
-            cells += [fmt(sec["methods"][k]["mse"][marker]) for k in methods]
-            cells += [fmt(sec["methods"][k]["partial_r_given_depth"][marker]) for k in partial]
-            cells.append(fmt(sec["measured_r_with_log_depth"][marker]))
-            lines.append(f"| {marker} ({gene}) | " + " | ".join(cells) + " |")
+            lines.append(f"| {marker} ({gene}) | " + " | ".join(
+                fmt(sec["methods"][k]["r"][marker]) + ci(sec["methods"][k].get("r_ci95", {}).get(marker))
+                for k in methods) + " |")
         lines.append("| **mean over markers** | " + " | ".join(
-            fmt(sec["methods"][k]["mean_r"]) + ci(sec["methods"][k].get("mean_r_ci95")) for k in methods)
-                     + " |" + " |" * extra)
+            fmt(sec["methods"][k]["mean_r"]) + ci(sec["methods"][k].get("mean_r_ci95")) for k in methods) + " |")
         lines.append(f"| **slide level r** ({sec['slide_level_points']} points) | "
-                     + " | ".join(fmt(sec["methods"][k]["slide_r"]) for k in methods) + " |" + " |" * extra)
+                     + " | ".join(fmt(sec["methods"][k]["slide_r"]) for k in methods) + " |")
+        lines += ["", "| marker | r measured vs log depth | "
+                  + " | ".join(f"partial r {k} given depth" for k in partial) + " | "
+                  + " | ".join(f"MSE {k}" for k in methods) + " |",
+                  "|---|---|" + "---|" * (len(partial) + len(methods))]
+        for marker in m["markers"]:
+            cells = [fmt(sec["measured_r_with_log_depth"][marker])]
+            cells += [fmt(sec["methods"][k]["partial_r_given_depth"][marker]) for k in partial]
+            cells += [fmt(sec["methods"][k]["mse"][marker]) for k in methods]
+            lines.append(f"| {marker} | " + " | ".join(cells) + " |")
         lines.append("")
         block = [k for k in methods if "block_r" in sec["methods"][k]]
         lines += [f"Block level ({sec['n_blocks']} blocks of 600 um, pooled counts):", "",
@@ -146,10 +150,13 @@ def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
             lines.append(f"| {marker} | " + " | ".join(fmt(sec["methods"][k]["block_r"][marker]) for k in block) + " |")
         lines.append("| **mean** | " + " | ".join(fmt(sec["methods"][k]["block_mean_r"]) for k in block) + " |")
         lines.append("")
-        if sec.get("mupd_minus_ridge_mean_r_ci95"):
-            lo, hi = sec["mupd_minus_ridge_mean_r_ci95"]
-            lines += [f"MuPD minus ridge, mean r over markers: 95% interval [{lo:.3f}, {hi:.3f}] "
-                      f"({'MuPD better' if lo > 0 else 'ridge better' if hi < 0 else 'no clear difference'}).", ""]
+        for baseline, (lo, hi) in sec.get("mupd_minus_baseline_mean_r_ci95", {}).items():
+            if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
+                lines += [f"MuPD minus {baseline}, mean r over markers: undefined.", ""]
+                continue
+            verdict = "MuPD better" if lo > 0 else f"{baseline} better" if hi < 0 else "no clear difference"
+            lines += [f"MuPD minus {baseline}, mean r over markers: 95% interval [{lo:.3f}, {hi:.3f}] "
+                      f"({verdict}).", ""]
     lines += [
         "Depth check: spot depth follows cellularity, which the image shows; the last columns give "
         "the measurement's r with log spot depth and each method's partial r with log depth "
