@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
-from skimage.transform import resize
+from scipy import ndimage
 
 from .errors import RegionError, SlideError
 from .progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
@@ -49,6 +49,22 @@ class RegionTranslation:
     n_tiles: int
     n_skipped: int
     seconds: float
+    #: Disk-backed sums the (lazy) layers still read; None when the layers are in memory.
+    workdir: Optional[Path] = None
+
+    def load(self) -> "RegionTranslation":
+        """Bring every layer into memory and drop the disk-backed sums (a no-op in memory)."""
+        if self.workdir is not None:
+            for layer in self.layers:
+                layer.data = np.asarray(layer.data)
+            self.close()
+        return self
+
+    def close(self) -> None:
+        """Remove the disk-backed sums (the layers must have been loaded or written first)."""
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
 
 
 @dataclass(frozen=True)
@@ -161,8 +177,10 @@ class _Accumulator:
         else:
             import zarr
 
+            # uncompressed: every tile is a read-modify-write of the chunks under it
             chunks = (chunk, chunk) + tuple(shape[2:])
-            self.sum = zarr.open_array(store, mode="w", shape=shape, chunks=chunks, dtype="i8")
+            self.sum = zarr.create_array(store, shape=shape, chunks=chunks, dtype="i8",
+                                         compressors=None, fill_value=0)
 
     def add(self, y: int, x: int, value: np.ndarray) -> None:
         sl = (slice(y, y + value.shape[0]), slice(x, x + value.shape[1]))
@@ -182,6 +200,7 @@ class RegionPlan:
     out_mpp: float
     out_shape: tuple[int, int]
     batches: list[list[tuple[int, int]]]  # tile origins (output pixels), in batch_size groups
+    outside: frozenset = frozenset()  # origins of tiles that miss the ROI polygon (not run)
 
     @property
     def n_tiles(self) -> int:
@@ -259,16 +278,23 @@ class RegionTranslator:
             box = (0, 0, *slide.dimensions)
         box = tuple(int(v) for v in box)
         check_box(box, slide.dimensions, f"slide {slide.path}")
+        if getattr(slide, "is_rgb", True) is False:
+            raise SlideError(f"{slide.path}: translation needs an RGB brightfield (H&E) slide; this one "
+                             f"has channels {getattr(slide, 'channel_names', '?')}")
         mpp0 = float(np.mean(slide.mpp))
         out_mpp = float(self.pipeline.mpp)
         factor = out_mpp / mpp0
         x0, y0, w, h = box
         out_h, out_w = max(1, round(h / factor)), max(1, round(w / factor))
-        origins = TileGrid(out_h, out_w, self.pipeline.tile_size, self.overlap).origins()
+        T = self.pipeline.tile_size
+        origins = TileGrid(out_h, out_w, T, self.overlap).origins()
+        outside: frozenset = frozenset()
+        if polygon is not None:
+            outside = _tiles_outside(polygon, origins, T, x0, y0, factor)
         return RegionPlan(
             slide_path=str(slide.path), slide_mpp=tuple(slide.mpp), targets=targets, box=box,
             factor=factor, out_mpp=out_mpp, out_shape=(out_h, out_w),
-            batches=list(_batched(origins, self.batch_size)),
+            batches=list(_batched(origins, self.batch_size)), outside=outside,
         )
 
     def new_sums(self, plan: RegionPlan, render_brightfield: bool,
@@ -276,8 +302,10 @@ class RegionTranslator:
         tmp = Path(tempfile.mkdtemp(prefix="mupd-acc-", dir=workdir))
         on_disk = plan.out_shape[0] * plan.out_shape[1] > IN_MEMORY_LIMIT_PX
 
+        chunk = max(self.pipeline.tile_size, 256)  # a tile touches at most 4 chunks
+
         def make(name, extra=()):
-            return _Accumulator(plan.out_shape + extra, tmp / f"{name}.zarr" if on_disk else None, 512)
+            return _Accumulator(plan.out_shape + extra, tmp / f"{name}.zarr" if on_disk else None, chunk)
 
         acc = {}
         for t in plan.targets:
@@ -311,12 +339,14 @@ class RegionTranslator:
         for batch in batches:
             if cancel is not None:
                 cancel.raise_if_cancelled()
+            inside = np.array([o not in plan.outside for o in batch], dtype=bool)
             tiles = np.stack([
-                _read_tile(slide, x0 + ox * plan.factor, y0 + oy * plan.factor, T, plan.factor,
-                           plan.out_mpp)
-                for oy, ox in batch
+                _read_tile(slide, x0 + ox * plan.factor, y0 + oy * plan.factor, T, plan.factor)
+                if ins else np.full((T, T, 3), 255, dtype=np.uint8)
+                for (oy, ox), ins in zip(batch, inside)
             ])
-            keep = self._tissue_mask(tiles)
+            keep = inside.copy()
+            keep[inside] = self._tissue_mask(tiles[inside])
             sums.n_skipped += int((~keep).sum())
             for oy, ox in batch:
                 sums.weight.add(oy, ox, _crop(window, oy, ox, out_h, out_w))
@@ -344,14 +374,14 @@ class RegionTranslator:
 
     def finish(self, plan: RegionPlan, sums: RegionSums, start: float) -> RegionTranslation:
         """Normalise the (complete) sums into output layers placed over the slide."""
-        layers = self._layers(plan.targets, sums.outputs, sums.weight, sums.on_disk, sums.workdir)
+        layers = self._layers(plan.targets, sums.outputs, sums.weight, sums.on_disk)
         if not sums.on_disk:
             shutil.rmtree(sums.workdir, ignore_errors=True)
         scale, translate = placement(plan.box, plan.slide_mpp, plan.out_mpp)
         return RegionTranslation(
             layers=layers, box=plan.box, output_mpp=plan.out_mpp, scale_um=scale,
             translate_um=translate, n_tiles=plan.n_tiles, n_skipped=sums.n_skipped,
-            seconds=time.perf_counter() - start,
+            seconds=time.perf_counter() - start, workdir=sums.workdir if sums.on_disk else None,
         )
 
     def _tissue_mask(self, tiles: np.ndarray) -> np.ndarray:
@@ -361,7 +391,7 @@ class RegionTranslator:
 
         return np.array([is_tissue(t) for t in tiles], dtype=bool)
 
-    def _layers(self, targets, acc, weight, on_disk, tmp) -> list[OutputLayer]:
+    def _layers(self, targets, acc, weight, on_disk) -> list[OutputLayer]:
         by_name = {t.name: t for t in targets}
         layers = []
         for name, a in acc.items():
@@ -386,11 +416,17 @@ class RegionTranslator:
                 layers.append(OutputLayer(name, "rgb", data, "gray", meta))
             else:
                 layers.append(OutputLayer(name, target.kind, data, getattr(target, "colormap", "gray") or "gray", meta))
-        if on_disk:
-            # dask arrays still read the sums: keep them; the caller writes and then removes tmp.
-            for layer in layers:
-                layer.metadata["_workdir"] = str(tmp)
         return layers
+
+
+def _tiles_outside(polygon: Sequence[tuple[float, float]], origins: list[tuple[int, int]],
+                   tile: int, x0: int, y0: int, factor: float) -> frozenset:
+    """Origins of tiles whose footprint misses the ROI polygon (level-0 points)."""
+    from shapely.geometry import Polygon, box
+
+    shape = Polygon([((px - x0) / factor, (py - y0) / factor) for px, py in polygon]).buffer(0)
+    return frozenset((oy, ox) for oy, ox in origins
+                     if not shape.intersects(box(ox, oy, ox + tile, oy + tile)))
 
 
 def _batched(items: list, n: int) -> Iterator[list]:
@@ -410,21 +446,64 @@ def _background(shape: tuple[int, ...], tile: int) -> np.ndarray:
     return np.zeros((tile, tile), dtype=np.float32)
 
 
-def _read_tile(slide: Any, x: float, y: float, tile: int, factor: float, out_mpp: float) -> np.ndarray:
-    """A tile x tile RGB crop at the model's mpp whose corner is level-0 (x, y); off-slide is white."""
+def _pick_level(slide: Any, factor: float) -> tuple[Any, float, float]:
+    """(level array, x downsample, y downsample) of the coarsest level still finer than `factor`.
+
+    Opened slides (mupd.io.Slide) expose `levels` (lazy (Y, X, C) arrays); anything else that
+    only has `read_region` (ArraySlide, a test double) is read at level 0.
+    """
+    levels = getattr(slide, "levels", None)
     W, H = slide.dimensions
-    size0 = tile * factor
-    xa, ya = int(math.floor(x)), int(math.floor(y))
-    xb, yb = int(math.ceil(x + size0)), int(math.ceil(y + size0))
-    cx0, cy0, cx1, cy1 = max(xa, 0), max(ya, 0), min(xb, W), min(yb, H)
-    canvas = np.full((yb - ya, xb - xa, 3), 255, dtype=np.uint8)
+    if not levels:
+        return None, 1.0, 1.0
+    best = 0
+    for i, lv in enumerate(levels):
+        if (W / lv.shape[1] + H / lv.shape[0]) / 2 <= factor * (1 + 1e-3):
+            best = i
+    lv = levels[best]
+    return lv, W / lv.shape[1], H / lv.shape[0]
+
+
+def _read_tile(slide: Any, x: float, y: float, tile: int, factor: float) -> np.ndarray:
+    """A tile x tile RGB tile at the model's mpp whose corner is level-0 edge point (x, y).
+
+    Output pixel (r, c) is the area sample centred on level-0 edge point
+    (x + (c + 0.5) * factor, y + (r + 0.5) * factor): exactly the grid `placement` describes, so
+    overlays register to the slide to well under a level-0 pixel. Read from the coarsest pyramid
+    level that is still finer than the model's mpp; Gaussian pre-filter (sigma = (f - 1) / 2, as
+    scikit-image's anti-aliasing) before linear interpolation; off-slide is white.
+    """
+    level, dsx, dsy = _pick_level(slide, factor)
+    fx, fy = factor / dsx, factor / dsy  # level pixels per output pixel
+    # level pixel-index coordinates (pixel centres at integers) of the tile's first and last centres
+    u0, v0 = (x + 0.5 * factor) / dsx - 0.5, (y + 0.5 * factor) / dsy - 0.5
+    if abs(fx - 1) < 1e-9 and abs(fy - 1) < 1e-9 and float(u0).is_integer() and float(v0).is_integer():
+        return _read_window(slide, level, int(u0), int(v0), int(u0) + tile, int(v0) + tile)
+    sx, sy = max(0.0, (fx - 1) / 2), max(0.0, (fy - 1) / 2)
+    pad_x, pad_y = 2 + int(math.ceil(4 * sx)), 2 + int(math.ceil(4 * sy))
+    ua, va = int(math.floor(u0)) - pad_x, int(math.floor(v0)) - pad_y
+    ub = int(math.ceil(u0 + (tile - 1) * fx)) + pad_x + 1
+    vb = int(math.ceil(v0 + (tile - 1) * fy)) + pad_y + 1
+    canvas = _read_window(slide, level, ua, va, ub, vb).astype(np.float32)
+    if sx > 0 or sy > 0:
+        canvas = ndimage.gaussian_filter(canvas, sigma=(sy, sx, 0), mode="nearest", truncate=4.0)
+    out = ndimage.affine_transform(canvas, (fy, fx, 1.0), offset=(v0 - va, u0 - ua, 0.0),
+                                   output_shape=(tile, tile, 3), order=1, mode="nearest")
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _read_window(slide: Any, level: Any, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """Level pixels [y0:y1, x0:x1] as RGB uint8; the part off the slide is white."""
+    H, W = (level.shape[0], level.shape[1]) if level is not None else slide.dimensions[::-1]
+    canvas = np.full((y1 - y0, x1 - x0, 3), 255, dtype=np.uint8)
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
     if cx1 > cx0 and cy1 > cy0:
-        region = slide.read_region((cx0, cy0), (cx1 - cx0, cy1 - cy0))
-        canvas[cy0 - ya : cy1 - ya, cx0 - xa : cx1 - xa] = region[..., :3]
-    if canvas.shape[:2] == (tile, tile):
-        return canvas
-    out = resize(canvas, (tile, tile), order=1, anti_aliasing=factor > 1, preserve_range=True)
-    return out.round().astype(np.uint8)
+        if level is None:
+            region = slide.read_region((cx0, cy0), (cx1 - cx0, cy1 - cy0))
+        else:
+            region = np.asarray(level[cy0:cy1, cx0:cx1])
+        canvas[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = region[..., :3]
+    return canvas
 
 
 def _color_hex(colormap: str) -> str:
@@ -435,33 +514,77 @@ def _color_hex(colormap: str) -> str:
     return named.get(colormap, "FFFFFF")
 
 
+def layer_file_stem(name: str) -> str:
+    """A file name for a layer ("H&E" -> "HandE", "IHC-HER2" stays)."""
+    return name.replace("&", "and").replace("/", "_")
+
+
 def write_translation(result: RegionTranslation, out_dir: str | Path, source: str = "",
-                      overwrite: bool = False) -> Path:
-    """One OME-Zarr per output layer under `out_dir`, each with its placement over the source."""
+                      overwrite: bool = False, ome_tiff: bool = False) -> Path:
+    """One OME-Zarr per output layer under `out_dir` (and an OME-TIFF each when `ome_tiff`).
+
+    Written into a temporary sibling folder renamed onto `out_dir` at the end, so a failure
+    leaves nothing under the final name. Disk-backed layers are re-pointed at the written
+    OME-Zarr (lazily) and their temporary sums removed, so `result` stays usable.
+    """
+    from .io import write_ome_tiff, write_ome_zarr
+    from .io.atomic import atomic_output
+
+    out = check_output_folder(out_dir, overwrite)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty folder the user made for us holds nothing to protect
+    with atomic_output(out, overwrite) as tmp:
+        tmp.mkdir()
+        for layer in result.layers:
+            rgb = layer.kind == "rgb"
+            image = layer.data if rgb else layer.data[..., None]
+            meta = dict(layer.metadata)
+            meta.update(source_slide=str(source), source_box_level0_xywh=list(result.box),
+                        scale_um_yx=list(result.scale_um), translate_um_yx=list(result.translate_um))
+            options = dict(mpp=result.output_mpp, channel_names=["R", "G", "B"] if rgb else [layer.name],
+                           colors=None if rgb else [_color_hex(layer.colormap)], metadata=meta)
+            stem = layer_file_stem(layer.name)
+            write_ome_zarr(tmp / f"{stem}.ome.zarr", image, **options)
+            _add_ngff_translation(tmp / f"{stem}.ome.zarr", result.translate_um, result.output_mpp)
+            if ome_tiff:
+                write_ome_tiff(tmp / f"{stem}.ome.tif", image, **options)
+    if result.workdir is not None:
+        from .io import open_slide
+
+        for layer in result.layers:
+            level0 = open_slide(out / f"{layer_file_stem(layer.name)}.ome.zarr").levels[0]
+            layer.data = level0 if layer.kind == "rgb" else level0[..., 0]
+        result.close()
+    return out
+
+
+def _add_ngff_translation(path: Path, translate_um: tuple[float, float], mpp: float) -> None:
+    """Add NGFF `translation` transforms so OME-Zarr viewers place every level over the slide.
+
+    Level i pixel 0 spans level-0 output pixels 0 .. 2**i - 1, so its centre sits
+    (2**i - 1) / 2 output pixels after level 0's.
+    """
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = dict(group.attrs)
+    ome = attrs.get("ome", attrs)
+    for i, ds in enumerate(ome["multiscales"][0]["datasets"]):
+        shift = (2**i - 1) / 2 * mpp
+        ds["coordinateTransformations"] = [t for t in ds["coordinateTransformations"]
+                                           if t.get("type") != "translation"] + [
+            {"type": "translation", "translation": [0.0, translate_um[0] + shift, translate_um[1] + shift]}]
+    group.attrs.update(attrs)
+
+
+def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse (before any work) an output folder that exists with content, unless `overwrite`."""
     from .errors import OutputExistsError
-    from .io import write_ome_zarr
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is a file, not a folder; choose another name")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"output folder {out} already exists and is not empty; "
-                                "choose another or pass overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    workdirs = set()
-    for layer in result.layers:
-        rgb = layer.kind == "rgb"
-        image = layer.data if rgb else layer.data[..., None]
-        meta = {k: v for k, v in layer.metadata.items() if not k.startswith("_")}
-        meta.update(source_slide=str(source), source_box_level0_xywh=list(result.box),
-                    translate_um_yx=list(result.translate_um))
-        write_ome_zarr(
-            out / f"{layer.name.replace('&', 'and').replace('/', '_')}.ome.zarr", image,
-            mpp=result.output_mpp,
-            channel_names=["R", "G", "B"] if rgb else [layer.name],
-            colors=None if rgb else [_color_hex(layer.colormap)],
-            overwrite=overwrite, metadata=meta,
-        )
-        if "_workdir" in layer.metadata:
-            workdirs.add(layer.metadata["_workdir"])
-    for w in workdirs:
-        shutil.rmtree(w, ignore_errors=True)
+                                "choose another or pass --overwrite")
     return out

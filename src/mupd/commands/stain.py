@@ -1,4 +1,4 @@
-"""`mupd stain`: virtual IHC / mIF of a region or a whole slide, written as OME-Zarr."""
+"""`mupd stain`: virtual IHC / mIF of a region or a whole slide, written as OME-Zarr (+ OME-TIFF)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--box", nargs=4, type=int, metavar=("X", "Y", "W", "H"),
                        help="region in level-0 pixels (default: the whole slide)")
     where.add_argument("--geojson", help="QuPath GeoJSON: each annotation is translated")
-    p.add_argument("--out", required=True, help="output folder (one OME-Zarr per stain)")
+    p.add_argument("--out", required=True, help="output folder (one OME-Zarr per stain); must not "
+                   "exist or be empty")
+    p.add_argument("--ome-tiff", action="store_true", help="also write a pyramidal OME-TIFF per stain")
     p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     p.add_argument("--mpp", type=float, default=None, help="slide um/px when the file has none")
     p.add_argument("--steps", type=int, default=1, help="sampling steps (1: one-step readout)")
@@ -29,7 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.api import TranslateRequest
     from ..engine.local import LocalEngine
     from ..io import read_geojson
+    from ..slides import check_output_folder
     from .console import ConsoleProgress
+
+    check_output_folder(args.out)  # before loading the model or reading a pixel
 
     if args.geojson:
         regions = read_geojson(args.geojson)
@@ -45,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
             TranslateRequest(slide_path=args.slide, stains=args.stains,
                              box=tuple(args.box) if args.box else None, polygon=polygon,
                              steps=args.steps, seed=args.seed, slide_mpp=args.mpp,
-                             render_brightfield=not args.no_render, output_path=out),
+                             render_brightfield=not args.no_render, output_path=out,
+                             ome_tiff=args.ome_tiff),
             progress=bar,
         )
         bar.close()

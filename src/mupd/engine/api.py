@@ -40,6 +40,7 @@ class TranslateRequest:
     slide_mpp: Optional[float] = None  # user override when the file has no mpp
     render_brightfield: bool = True  # also render marker maps as a DAB-on-hematoxylin IHC image
     output_path: Optional[str] = None  # OME-Zarr written here when given (never overwritten)
+    ome_tiff: bool = False  # with output_path: also a pyramidal OME-TIFF per layer
 
 
 @dataclass

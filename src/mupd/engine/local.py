@@ -121,8 +121,10 @@ class LocalEngine:
                         progress: Optional[ProgressCallback] = None,
                         cancel: Optional[CancelToken] = None) -> TranslateResult:
         """`translate` on an opened slide, or an in-memory region (slides.ArraySlide)."""
-        from ..slides import RegionTranslator, write_translation
+        from ..slides import RegionTranslator, check_output_folder, write_translation
 
+        if request.output_path:
+            check_output_folder(request.output_path)  # refuse before the work, not after
         with self._lock:
             result = RegionTranslator(self._pipeline)(
                 slide, request.stains, box=request.box, polygon=request.polygon,
@@ -130,11 +132,17 @@ class LocalEngine:
                 render_brightfield=request.render_brightfield, progress=progress, cancel=cancel,
             )
         output = None
-        if request.output_path:
-            output = str(write_translation(result, request.output_path, source=request.slide_path))
+        try:  # large results stay lazy, read back from the written OME-Zarr
+            if request.output_path:
+                output = str(write_translation(result, request.output_path,
+                                               source=request.slide_path, ome_tiff=request.ome_tiff))
+            else:
+                result.load()
+        finally:
+            result.close()
         layers = [
             StainLayer(
-                name=l.name, kind=l.kind, data=np.asarray(l.data), scale_um=result.scale_um,
+                name=l.name, kind=l.kind, data=l.data, scale_um=result.scale_um,
                 translate_um=result.translate_um, colormap=l.colormap,
                 metadata={k: v for k, v in l.metadata.items() if not k.startswith("_")},
             )

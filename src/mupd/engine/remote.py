@@ -215,8 +215,8 @@ class RemoteEngine:
         result.layers = [dataclasses.replace(l, scale_um=scale, translate_um=translate)
                          for l in result.layers]
         if request.output_path:
-            result.output_path = str(_write_layers(result.layers, box, model_mpp,
-                                                   request.output_path, request.slide_path))
+            result.output_path = str(_write_layers(result.layers, box, model_mpp, request.output_path,
+                                                   request.slide_path, request.ome_tiff))
         return result
 
     # -- fine-tuning jobs -------------------------------------------------------------------
@@ -281,7 +281,7 @@ def _raise_for_status(response: httpx.Response, url: str) -> None:
 
 
 def _write_layers(layers: list[StainLayer], box: tuple[int, int, int, int], mpp: float,
-                  out: str, source: str) -> Any:
+                  out: str, source: str, ome_tiff: bool = False) -> Any:
     """Write uploaded-region results here, with the same writer LocalEngine uses."""
     from ..slides import OutputLayer, RegionTranslation, write_translation
 
@@ -290,4 +290,4 @@ def _write_layers(layers: list[StainLayer], box: tuple[int, int, int, int], mpp:
         layers=[OutputLayer(l.name, l.kind, l.data, l.colormap, dict(l.metadata)) for l in layers],
         box=tuple(box), output_mpp=mpp, scale_um=first.scale_um, translate_um=first.translate_um,
         n_tiles=0, n_skipped=0, seconds=0.0)
-    return write_translation(result, out, source=source)
+    return write_translation(result, out, source=source, ome_tiff=ome_tiff)

