@@ -5,12 +5,13 @@ import warnings
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mupd.errors import DataError
 from mupd.eval.augment import tertile_classes
 from mupd.eval.baselines import RidgeBaseline, TrainingMeanBaseline, fit_logistic
 from mupd.eval.features import features
-from mupd.eval.heldout import TRAIN_SECTIONS, footprint_mask, load_section
+from mupd.eval.heldout import TRAIN_SECTIONS, footprint_mask, load_section, masked_box
 from mupd.eval.metrics import frechet_distance, pearson
 from mupd.eval.spots import build_spot_table
 
@@ -27,7 +28,10 @@ def tables(shared_data):
 def test_sections_mpp_comes_from_the_spot_pitch(shared_data):
     b4, a1 = load_section(shared_data, "B4"), load_section(shared_data, "A1")
     assert b4.mpp == pytest.approx(0.69, abs=0.02) and a1.mpp == pytest.approx(3.2, abs=0.1)
-    assert not ((a1.spots.image_x > 1690) & (a1.spots.image_y < 270)).any()  # pasted thumbnail
+    x0, y0, x1, y1 = masked_box("A1")  # the pasted annotation thumbnail
+    assert not ((a1.spots.image_x >= x0) & (a1.spots.image_y < y1)).any()
+    thumb = np.asarray(Image.open(a1.image_path).convert("L"))[y0:y1, x0:x1]
+    assert (thumb > 0).mean() > 0.9 and (np.asarray(Image.open(a1.image_path).convert("L"))[y1 + 5, x0:x1] == 0).all()
     with pytest.warns(UserWarning, match="A1.*CD3E"):
         assert (a1.log_cpm(["CD3E"])["CD3E"] == 0).all()
     tiles = a1.tiles(list(a1.spots.index[:2]), 64, 1.0)  # 3.2 um/px resampled to 1 um/px

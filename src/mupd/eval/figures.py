@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .heldout import masked_box  # noqa: E402
+
 
 def _thumbnail(path: str, size: int = 512) -> tuple[np.ndarray, float]:
     """A small RGB view of a section image and its scale from the file's full-size pixels."""
@@ -39,6 +41,11 @@ def marker_figure(markers: dict[str, Any], image_paths: dict[str, str], out: Pat
         for col, title in enumerate(cols):
             axes[row, col].set_title(title, fontsize=10)
         thumb, scale = _thumbnail(image_paths[name])
+        box = masked_box(name)
+        if box is not None:  # e.g. the annotation thumbnail pasted into A1
+            x0, y0, x1, y1 = (round(v * scale) for v in box)
+            thumb = thumb.copy()
+            thumb[y0:y1, x0:x1] = 0
         xy = np.asarray(sec["spot_xy"]) * scale
         preds = markers["_predictions"][name]
         axes[row, 0].imshow(thumb)

@@ -28,8 +28,9 @@ SPOT_PITCH_UM = 200.0
 SPOT_DIAMETER_UM = 100.0
 #: A1 is a uniform downscale of the 6954-px original; its spot pixels are in the original frame.
 _A1_SCALE = 2000 / 6954
-#: A pasted annotation thumbnail in the A1 image (x > 1690, y < 270 after downscaling).
-_A1_THUMBNAIL = (1690, 270)
+#: A pasted annotation thumbnail in the A1 image: x >= 1500, y < 535 of the 2000-px image
+#: (measured: the non-black component at the top-right corner; larger than the data README says).
+_A1_THUMBNAIL = (1500, 535)
 
 
 @dataclass
@@ -122,14 +123,22 @@ def load_section(data_root: Path, name: str) -> SpotSection:
                        spots=spots, counts=counts.loc[shared])
 
 
+def masked_box(name: str) -> Optional[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) image area that is not tissue of the section and must be hidden, if any."""
+    if name == "A1":
+        tx, ty = _A1_THUMBNAIL
+        return (tx, 0, 2000, ty)
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def _load_image(path: str, mask_a1_thumbnail: bool) -> Image.Image:
     Image.MAX_IMAGE_PIXELS = None  # HER2ST full-resolution JPEGs are ~92 Mpx
     image = Image.open(path).convert("RGB")
     if mask_a1_thumbnail:
         array = np.asarray(image).copy()
-        tx, ty = _A1_THUMBNAIL
-        array[:ty, tx:] = 0
+        x0, y0, x1, y1 = masked_box("A1")
+        array[y0:y1, x0:x1] = 0
         image = Image.fromarray(array)
     return image
 

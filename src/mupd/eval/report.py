@@ -93,12 +93,35 @@ def render_markdown(r: dict[str, Any], figures: dict[str, str]) -> str:
            "; no encoder given (`--encoder DIR` adds one)."),
         "",
     ]
+    lines += _summary_md(r, has_model)
     lines += _markers_md(r["markers"], has_model)
     lines += _rna_md(r["rna_to_he"], has_model)
     lines += _text_md(r["text_to_he"], has_model)
     lines += _augment_md(r["augmentation"], has_model)
     lines += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
     return "\n".join(lines)
+
+
+def _summary_md(r: dict[str, Any], has_model: bool) -> list[str]:
+    """The headline numbers, each beside the strongest baseline for it."""
+    lines = ["## Summary", ""]
+    for name, sec in r["markers"]["sections"].items():
+        methods = sec["methods"]
+        baselines = {k: methods[k]["mean_r"]["mean"] for k in ("ridge", "hematoxylin density")}
+        best = max(baselines, key=lambda k: -1.0 if baselines[k] is None else baselines[k])
+        text = (f"- {name} marker staining, spot-level mean r over markers: best baseline {best} "
+                f"{fmt(methods[best]['mean_r'])}")
+        if has_model:
+            text += f"; MuPD {fmt(methods['MuPD']['mean_r'])} over {methods['MuPD']['n_seeds']} seeds"
+            lo_hi = sec.get("mupd_minus_baseline_mean_r_ci95", {}).get(best)
+            if lo_hi and None not in lo_hi:
+                text += f" (MuPD minus {best}: [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}])"
+        lines.append(text + ".")
+    fd = r["rna_to_he"]["fd"]["handcrafted"]
+    lines.append("- RNA->H&E FD (handcrafted): " + "; ".join(f"{k} {fmt(v)}" for k, v in fd.items()) + ".")
+    aug = r["augmentation"]["balanced_accuracy"]
+    lines.append("- Augmentation balanced accuracy: " + "; ".join(f"{k} {fmt(v)}" for k, v in aug.items()) + ".")
+    return lines + [""]
 
 
 def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
