@@ -1,0 +1,141 @@
+"""The latent space: images in [-1, 1] (B, 3, H, W) <-> latents (B, C, H/d, W/d).
+
+Two codecs behind one interface (`encode`, `decode`, `latent_channels`, `downsample`):
+- `PixelCodec`: space-to-depth (pixel unshuffle) by `factor`; weight-free and exactly invertible,
+  so a tiny model trains on a CPU without first needing a trained VAE.
+- `VAECodec`: any local diffusers `AutoencoderKL` folder (SD, SD3, FLUX style), honouring its
+  `scaling_factor` and `shift_factor`: latents = (z - shift) * scale. Encoding takes the
+  posterior mode, so it is deterministic.
+Marker targets go through either codec as grey images: the map m in [0, 1] becomes 2m - 1 on all
+three channels; decoding averages the three channels back into one map in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ModelError
+
+CODEC_FILE = "codec.json"
+#: The project's own small VAE (4x down, 4 latent channels), for training one's own codec.
+SMALL_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [64, 128, 256], "layers_per_block": 1, "norm_num_groups": 32,
+    "scaling_factor": 1.0, "shift_factor": 0.0,
+}
+
+
+class PixelCodec(torch.nn.Module):
+    def __init__(self, factor: int = 4) -> None:
+        super().__init__()
+        self.factor = int(factor)
+
+    @property
+    def latent_channels(self) -> int:
+        return 3 * self.factor ** 2
+
+    @property
+    def downsample(self) -> int:
+        return self.factor
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(images, self.factor)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(latents, self.factor)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "pixel", "factor": self.factor}
+
+
+class VAECodec(torch.nn.Module):
+    def __init__(self, vae: Any, source: Optional[str] = None) -> None:
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.source = source  # the folder it came from (None: built from a config)
+        self.scale = float(vae.config.scaling_factor or 1.0)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        z = self.vae.encode(images.to(dtype)).latent_dist.mode()
+        return ((z - self.shift) * self.scale).to(images.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        z = latents.to(dtype) / self.scale + self.shift
+        return self.vae.decode(z).sample.to(latents.dtype)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "vae", "source": self.source}
+
+
+Codec = PixelCodec | VAECodec
+
+
+def _load_vae(folder: Path) -> Any:
+    from diffusers import AutoencoderKL
+
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"VAE folder {folder} has no config.json (not a diffusers AutoencoderKL)")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelError(f"VAE folder {folder} has no .safetensors weights (pickle weights are "
+                         f"refused: convert them to safetensors)")
+    try:
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    except Exception as exc:  # diffusers raises many kinds for a broken folder
+        raise ModelError(f"cannot load the VAE in {folder}: {exc}") from None
+
+
+def build_codec(spec: dict[str, Any]) -> Codec:
+    """A codec from a config entry: {"type": "pixel", "factor": 4}, {"type": "vae", "path": DIR}
+    (a local diffusers VAE folder) or {"type": "vae", "config": {...}} (fresh weights)."""
+    kind = spec.get("type")
+    if kind == "pixel":
+        return PixelCodec(int(spec.get("factor", 4)))
+    if kind == "vae":
+        if spec.get("path"):
+            folder = Path(spec["path"]).expanduser()
+            if not folder.is_dir():
+                raise ModelError(f"VAE folder {folder} does not exist")
+            return VAECodec(_load_vae(folder), source=str(folder))
+        from diffusers import AutoencoderKL
+
+        return VAECodec(AutoencoderKL.from_config(spec.get("config") or SMALL_VAE_CONFIG))
+    raise ModelError(f"codec type {kind!r} unknown; use 'pixel' or 'vae'")
+
+
+def save_codec(codec: Codec, folder: Path) -> None:
+    """`codec.json`, plus the VAE itself (diffusers format, safetensors) for a VAE codec."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = codec.config()
+    if isinstance(codec, VAECodec):
+        codec.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        spec = {"type": "vae", "path": "vae", "source": codec.source}
+    (folder / CODEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+
+
+def load_codec(folder: Path) -> Codec:
+    path = folder / CODEC_FILE
+    if not path.is_file():
+        raise ModelError(f"model folder {folder.parent} lacks {folder.name}/{CODEC_FILE}")
+    spec = json.loads(path.read_text())
+    if spec.get("type") == "vae":
+        vae = _load_vae(folder / spec.get("path", "vae"))
+        return VAECodec(vae, source=spec.get("source"))
+    return build_codec(spec)

