@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from skimage.color import hed2rgb, rgb2hed
 
+from .errors import ConditionError
+
 #: DAB density (skimage HED units) at marker intensity 1: the 99th percentile of DAB in
 #: scikit-image's real IHC image (FHL2, colon), i.e. strong staining.
 DAB_MAX = 0.2
@@ -22,7 +24,8 @@ def render_dab_ihc(he: np.ndarray, marker: np.ndarray, dab_max: float = DAB_MAX)
     he = np.asarray(he)
     marker = np.asarray(marker, dtype=np.float32)
     if he.shape[:-1] != marker.shape or he.shape[-1] != 3:
-        raise ValueError(f"H&E {he.shape} and marker {marker.shape} do not match")
+        raise ConditionError(f"cannot render DAB: H&E tiles {he.shape} and marker maps "
+                             f"{marker.shape} must be (N, H, W, 3) and (N, H, W)")
     out = np.empty_like(he, dtype=np.uint8)
     for i in range(len(he)):
         hed = rgb2hed(he[i])
