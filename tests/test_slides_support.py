@@ -8,16 +8,14 @@ operations so that registration and blending can be tested exactly, without pret
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from skimage.color import rgb2hed
 
-from mupd.errors import ConditionError
-from mupd.paths import DEFAULT_MODEL, STAIN_CATALOGUE
+from mupd.models.catalogue import StainCatalogue
+from mupd.paths import DEFAULT_MODEL
 
 CMU = Path("wsi/CMU-1-Small-Region.svs")
 
@@ -48,33 +46,13 @@ def model_folder(tmp_path: Path) -> Path:
     return tmp_path / "tiny"
 
 
-@dataclass(frozen=True)
-class Target:
-    name: str
-    kind: str
-    colormap: str = "gray"
-
-
-class Catalogue:
-    """The real stain catalogue (resources/stains.json), looked up by name or alias."""
-
-    def __init__(self) -> None:
-        self.entries = json.loads(STAIN_CATALOGUE.read_text())["targets"]
-
-    def get(self, name: str) -> Target:
-        for e in self.entries:
-            if name.lower() in [e["name"].lower()] + [a.lower() for a in e.get("aliases", [])]:
-                return Target(e["name"], e["kind"], e.get("colormap", "gray"))
-        raise ConditionError(f"unknown stain {name!r}")
-
-
 class TileContextPipeline:
     """Markers = hematoxylin density divided by the tile's own 95th percentile, so every tile's
     output depends on its context (like a real model's tile-level decisions, the cause of seams);
     "H&E" returns the tile unchanged. Counts the tiles it saw."""
 
     def __init__(self, tile_size: int = 128, mpp: float = 1.0) -> None:
-        self.tile_size, self.mpp, self.catalogue = tile_size, mpp, Catalogue()
+        self.tile_size, self.mpp, self.catalogue = tile_size, mpp, StainCatalogue.load()
         self.tiles_seen = 0
 
     def translate(self, tiles, stains, steps=1, guidance=None, seed=0, batch_size=8):
