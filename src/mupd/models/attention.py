@@ -4,8 +4,9 @@ Per block: self-attention over image tokens; then one cross-attention stream per
 modality, all sharing one query projection of the image tokens but each with its own K/V
 projections; the streams' outputs are summed with per-modality scales and go through one
 output projection (zero-initialised, so a fresh block ignores conditions); then the MLP.
-A modality is computed only for the samples that have it (never padded tokens), and a stream
-whose scale is 0 is not computed at all, so scale 0 is exactly the model without it.
+A modality absent from the whole batch, or whose scale is 0, is not computed at all, so scale 0
+is exactly the model without it; a sample of a batch that lacks a modality gets exactly zero
+from that stream (its mask row is all False), never attention over padding tokens.
 """
 
 from __future__ import annotations
@@ -65,14 +66,18 @@ class DCABlock(nn.Module):
         q = _heads(self.cross_q(self.norm_cross(x)), self.num_heads)
         total = torch.zeros_like(x)
         for modality, (tokens, mask) in streams:
-            rows = mask.any(dim=1).nonzero().squeeze(1)  # samples that have this modality
-            if rows.numel() == 0:
-                continue
-            k, v = self.cross_kv[modality](tokens[rows]).chunk(2, dim=-1)
-            out = F.scaled_dot_product_attention(
-                q[rows], _heads(k, self.num_heads), _heads(v, self.num_heads),
-                attn_mask=mask[rows][:, None, None, :])
-            total = total.index_add(0, rows, _merge(out) * scales.get(modality, 1.0))
+            present = mask.any(dim=1)
+            # A sample without this modality attends to one dummy key (keeps the softmax finite)
+            # and its output is multiplied by 0: exactly no contribution, no data-dependent
+            # indexing (so meta tensors, CUDA graphs and torch.compile all work).
+            first = torch.zeros_like(mask)
+            first[:, 0] = True
+            safe = mask | (first & ~present[:, None])
+            k, v = self.cross_kv[modality](tokens).chunk(2, dim=-1)
+            out = F.scaled_dot_product_attention(q, _heads(k, self.num_heads), _heads(v, self.num_heads),
+                                                 attn_mask=safe[:, None, None, :])
+            weight = present.to(x.dtype) * scales.get(modality, 1.0)
+            total = total + _merge(out) * weight[:, None, None]
         return self.cross_out(total)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, contexts: dict[str, Context],
