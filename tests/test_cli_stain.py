@@ -1,0 +1,94 @@
+"""`mupd stain` end to end on real slides: box, GeoJSON, whole slide, OME-TIFF, and refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from mupd.cli import main
+from mupd.io import open_slide, rectangle, write_geojson
+from test_slides_support import cmu_slide_path, model_folder
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(model_folder(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture(scope="module")
+def cmu(shared_data):
+    return str(cmu_slide_path(shared_data))
+
+
+def test_box_writes_marker_ihc_and_ome_tiff(cmu, model, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["stain", cmu, "--stains", "ki-67", "--box", "517", "333", "300", "260",
+                 "--out", str(out), "--model", model, "--device", "cpu", "--ome-tiff"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "IHC-Ki67.ome.tif", "IHC-Ki67.ome.zarr", "Ki67.ome.tif", "Ki67.ome.zarr"]
+    assert "Ki67" in capsys.readouterr().out
+    marker = open_slide(out / "Ki67.ome.tif")
+    assert marker.channel_names == ["Ki67"] and marker.mpp == pytest.approx((1.0, 1.0))
+    assert marker.dimensions == (150, 130)  # 300 x 260 px at 0.499 -> 1.0 um/px
+    assert np.array_equal(np.asarray(marker.levels[0]),
+                          np.asarray(open_slide(out / "Ki67.ome.zarr").levels[0]))
+    ihc = open_slide(out / "IHC-Ki67.ome.zarr")
+    assert ihc.is_rgb and "rendered as DAB" in ihc.metadata["rendered_from"]
+    assert ihc.metadata["source_box_level0_xywh"] == [517, 333, 300, 260]
+
+
+def test_geojson_regions_each_get_a_folder(cmu, model, tmp_path):
+    regions = tmp_path / "rois.geojson"
+    write_geojson(regions, [rectangle(600, 700, 200, 150, name="a"), rectangle(1200, 1500, 180, 200)])
+    out = tmp_path / "out"
+    assert main(["stain", cmu, "--stains", "HER2", "--geojson", str(regions), "--out", str(out),
+                 "--model", model, "--device", "cpu", "--no-render"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["region-000", "region-001"]
+    boxes = [dict(zarr.open_group(str(out / r / "HER2.ome.zarr"), mode="r").attrs)["mupd"]
+             ["source_box_level0_xywh"] for r in ("region-000", "region-001")]
+    assert boxes == [[600, 700, 200, 150], [1200, 1500, 180, 200]]
+
+
+def test_whole_small_slide_with_given_mpp(shared_data, model, tmp_path):
+    image = shared_data / "he_patches/misc_he/tiatoolbox_TCGA-HE-7130-01Z-00-DX1.png"  # 1000 x 1000
+    out = tmp_path / "out"
+    assert main(["stain", str(image), "--stains", "H&E", "CD45", "--mpp", "0.5", "--out", str(out),
+                 "--model", model, "--device", "cpu"]) == 0
+    he = open_slide(out / "HandE.ome.zarr")
+    assert he.dimensions == (500, 500) and he.mpp == pytest.approx((1.0, 1.0))
+    assert {p.name for p in out.iterdir()} == {"HandE.ome.zarr", "CD45.ome.zarr", "IHC-CD45.ome.zarr"}
+
+
+def test_existing_output_is_refused_untouched(cmu, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code = main(["stain", cmu, "--stains", "Ki67", "--out", str(out), "--model", str(tmp_path / "nomodel")])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_unknown_stain_exits_2_naming_it(cmu, model, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mupd.cli", "stain", cmu, "--stains", "PD-L1",
+                           "--box", "0", "0", "256", "256", "--out", str(tmp_path / "out"),
+                           "--model", model, "--device", "cpu"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "PD-L1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_slide_without_mpp_asks_for_it(shared_data, model, tmp_path, capsys):
+    slide = shared_data / "wsi/TCGA-CR-7395-01A-01-TS1.svs"
+    with pytest.warns(UserWarning):
+        code = main(["stain", str(slide), "--stains", "Ki67", "--box", "0", "0", "256", "256",
+                     "--out", str(tmp_path / "out"), "--model", model, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--mpp" in err and "TCGA-CR-7395" in err
+    assert not (tmp_path / "out").exists()
