@@ -72,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
         num_images=args.num_images, steps=args.steps, guidance=parse_guidance(args.guidance),
         seed=args.seed))
     if result.missing_genes:
+        more = "..." if len(result.missing_genes) > 10 else ""
         print(f"warning: {len(result.missing_genes)} panel genes missing from the profile "
-              f"(masked): {', '.join(result.missing_genes[:10])}...")
+              f"(masked): {', '.join(result.missing_genes[:10])}{more}")
     out.mkdir(parents=True, exist_ok=True)
     images = result.images
     if images.dtype != np.uint8:  # a marker map in [0, 1]

@@ -157,8 +157,8 @@ class LocalEngine:
         used: list[str] = []
         missing: list[str] = []
         if request.rna is not None:
-            _, _, used, missing = self._pipeline.rna_tokenizer.align(
-                request.rna, normalized=request.rna_normalized)
+            _, _, used, missing = self._pipeline.rna_tokenizer.align(  # the pipeline warns
+                request.rna, normalized=request.rna_normalized, warn=False)
         with self._lock:
             images = self._pipeline.generate(
                 text=request.text, rna=request.rna, rna_normalized=request.rna_normalized,

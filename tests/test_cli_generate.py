@@ -1,0 +1,89 @@
+"""`mupd generate`: tiles and a mosaic from text and/or a real HER2ST RNA profile."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mupd.cli import main
+from mupd.commands.generate import mosaic
+from test_slides_support import model_folder
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(model_folder(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture(scope="module")
+def d1_profile(shared_data, tmp_path_factory):
+    """Raw UMI counts of the deepest spot of section D1 (patient D: RNA use is outside the
+    held-out patients A and B), as a two-column TSV the way a user would give one."""
+    with gzip.open(shared_data / "st/her2st/counts/D1.tsv.gz", "rt") as f:
+        counts = pd.read_csv(f, sep="\t", index_col=0)
+    spot = counts.loc[counts.sum(axis=1).idxmax()]
+    path = tmp_path_factory.mktemp("rna") / "D1_spot.tsv"
+    spot.rename_axis("gene").rename("count").to_csv(path, sep="\t")  # zeros are measured values
+    return path
+
+
+def _tiles(out):
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(out.glob("tile-*.png"))])
+
+
+def test_text_gives_n_tiles_and_their_mosaic(model, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert main(["generate", "--text", "HER2-positive invasive ductal carcinoma", "-n", "4",
+                 "--steps", "2", "--guidance", "text=2", "--model", model, "--device", "cpu",
+                 "--out", str(out)]) == 0
+    tiles = _tiles(out)
+    assert tiles.shape[0] == 4 and tiles.shape[3] == 3 and tiles.shape[1] == tiles.shape[2]
+    assert tiles.std() > 0 and not np.array_equal(tiles[0], tiles[1])  # distinct samples
+    assert np.array_equal(np.asarray(Image.open(out / "mosaic.png")), mosaic(tiles))
+    assert "mosaic.png" in capsys.readouterr().out
+
+
+def test_real_rna_profile_warns_about_missing_panel_genes(model, d1_profile, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert main(["generate", "--rna", str(d1_profile), "-n", "2", "--steps", "2", "--seed", "3",
+                 "--model", model, "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # HER2ST's gene list lacks KRT5, KRT14 and RPLP0 of the model's panel: masked and said so
+    assert "warning: 3 panel genes missing" in printed
+    for gene in ("KRT5", "KRT14", "RPLP0"):
+        assert gene in printed
+    assert _tiles(out).shape[0] == 2
+
+
+def test_marker_generation_is_a_grey_map(model, tmp_path):
+    out = tmp_path / "gen"
+    assert main(["generate", "--text", "lymphocyte-rich stroma", "--stain", "CD45", "-n", "2",
+                 "--steps", "1", "--model", model, "--device", "cpu", "--out", str(out)]) == 0
+    assert _tiles(out).ndim == 3  # (N, H, W): one intensity map per tile
+
+
+def test_refusals_exit_2(model, tmp_path, capsys):
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / "keep.png").write_bytes(b"x")
+    assert main(["generate", "--text", "x", "--out", str(out), "--model", model]) == 2
+    assert "not empty" in capsys.readouterr().err and [p.name for p in out.iterdir()] == ["keep.png"]
+    assert main(["generate", "--text", "x", "--guidance", "text3", "--out", str(tmp_path / "g2"),
+                 "--model", model, "--device", "cpu"]) == 2
+    assert "MODALITY=SCALE" in capsys.readouterr().err
+    assert main(["generate", "--rna", str(tmp_path / "none.tsv"), "--out", str(tmp_path / "g3"),
+                 "--model", model, "--device", "cpu"]) == 2
+    assert "none.tsv" in capsys.readouterr().err
+
+
+def test_mosaic_fills_a_near_square_grid_with_white():
+    tiles = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3)
+    grid = mosaic(tiles)
+    assert grid.shape == (4, 6, 3)  # 3 columns x 2 rows
+    assert np.array_equal(grid[2:4, 2:4], tiles[4]) and (grid[2:4, 4:6] == 255).all()
