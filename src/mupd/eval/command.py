@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", default=None,
                    help="transformers image model folder for a second feature space (local path)")
     p.add_argument("--steps", type=int, default=None, help="generation sampling steps")
+    p.add_argument("--markers", nargs="+", default=None,
+                   help="score only these catalogue markers (default: every marker with a gene)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing quality.md")
     p.set_defaults(func=run)
 
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if not (data / "st" / "her2st").is_dir():
         raise DataError(f"no HER2ST data under {data}; pass --data DIR (the folder holding st/her2st)")
     settings = EvalSettings(data_root=data, seeds=tuple(args.seeds), quick=args.quick,
-                            encoder=args.encoder, overwrite=args.overwrite)
+                            encoder=args.encoder, overwrite=args.overwrite,
+                            markers=tuple(args.markers) if args.markers else None)
     if args.steps is not None:
         settings.steps = args.steps
     bar = ConsoleProgress()

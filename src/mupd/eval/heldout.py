@@ -73,9 +73,9 @@ class SpotSection:
         return self.counts.reindex(columns=list(genes), fill_value=0)
 
     def profile(self, spot: str) -> dict[str, float]:
-        """A spot's raw counts as gene -> value (non-zero genes only), the pipeline's RNA input."""
+        """A spot's raw counts as gene -> value, the pipeline's RNA input. Zeros are kept: an
+        undetected gene was measured as 0, it is not missing (the tokenizer masks missing ones)."""
         row = self.counts.loc[spot]
-        row = row[row > 0]
         return {str(g): float(v) for g, v in row.items()}
 
     def tiles(self, spot_ids: Sequence[str], tile_size: int, mpp: float) -> np.ndarray:

@@ -39,6 +39,7 @@ class EvalSettings:
     encoder: Optional[str] = None
     prompt: str = DEFAULT_PROMPT
     overwrite: bool = False
+    markers: Optional[tuple[str, ...]] = None  # catalogue markers to score; None: all with a gene
     # Sizes; `quick` replaces the None/defaults with small ones.
     train_spots: Optional[int] = None  # per section; None: all
     heldout_spots: Optional[int] = None
@@ -53,8 +54,8 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.quick:
             self.train_spots = self.train_spots or 40
-            self.heldout_spots = self.heldout_spots or 48
-            self.n_tiles, self.steps, self.calibration_spots = 8, 4, 48
+            self.heldout_spots = self.heldout_spots or 24
+            self.n_tiles, self.steps, self.calibration_spots = 8, 4, 24
             self.shots, self.synthetic, self.bootstrap = 4, 4, 200
 
 
@@ -73,6 +74,12 @@ def run_evaluation(model: Any, out: Path | str, settings: EvalSettings,
     tile_size = int(pipeline.tile_size) if pipeline is not None else BASELINE_TILE_SIZE
     mpp = float(pipeline.mpp) if pipeline is not None else BASELINE_MPP
     markers = marker_targets(_catalogue(pipeline))
+    if settings.markers:
+        unknown = [m for m in settings.markers if m not in markers]
+        if unknown:
+            raise DataError(f"markers {unknown} are not catalogue markers with a gene; "
+                            f"choose from {', '.join(markers)}")
+        markers = {m: markers[m] for m in settings.markers}
     genes = list(markers.values())
     progress(ProgressEvent("data", 0, 2, "training spots (patient C)"))
     train = build_spot_table(settings.data_root, TRAIN_SECTIONS, genes, tile_size, mpp, settings.train_spots)
