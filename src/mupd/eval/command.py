@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="generation sampling steps")
     p.add_argument("--markers", nargs="+", default=None,
                    help="score only these catalogue markers (default: every marker with a gene)")
+    p.add_argument("--prompt-template", default=None,
+                   help="text->H&E prompt with {marker} and {level} (high/low); match the training "
+                        "captions (default: 'H&E breast cancer tissue, {marker}-{level}')")
     p.add_argument("--overwrite", action="store_true", help="replace an existing quality.md")
     p.set_defaults(func=run)
 
@@ -33,7 +36,7 @@ def default_data_root() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import DataError
+    from ..errors import ConditionError, DataError
     from ..commands.console import ConsoleProgress
     from .run import EvalSettings, run_evaluation
 
@@ -43,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     settings = EvalSettings(data_root=data, seeds=tuple(args.seeds), quick=args.quick,
                             encoder=args.encoder, overwrite=args.overwrite,
                             markers=tuple(args.markers) if args.markers else None)
+    if args.prompt_template is not None:
+        if "{marker}" not in args.prompt_template or "{level}" not in args.prompt_template:
+            raise ConditionError(f"prompt template {args.prompt_template!r} needs {{marker}} and {{level}}")
+        settings.prompt = args.prompt_template
     if args.steps is not None:
         settings.steps = args.steps
     bar = ConsoleProgress()
