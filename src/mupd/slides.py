@@ -182,9 +182,23 @@ class _Accumulator:
             self.sum = zarr.create_array(store, shape=shape, chunks=chunks, dtype="i8",
                                          compressors=None, fill_value=0)
 
-    def add(self, y: int, x: int, value: np.ndarray) -> None:
-        sl = (slice(y, y + value.shape[0]), slice(x, x + value.shape[1]))
-        self.sum[sl] = self.sum[sl] + np.rint(value.astype(np.float64) * FIXED_POINT).astype(np.int64)
+    def add(self, tiles: Sequence[tuple[int, int, np.ndarray]]) -> None:
+        """Add (y, x, value) tiles; tiles of one grid row share one read-modify-write of the sums
+        (on disk, a write per tile would rewrite every chunk under it several times)."""
+        rows: dict[int, list[tuple[int, int, np.ndarray]]] = {}
+        for y, x, value in tiles:
+            rows.setdefault(y, []).append((y, x, value))
+        for row in rows.values():
+            ya = min(y for y, _, _ in row)
+            yb = max(y + v.shape[0] for y, _, v in row)
+            xa = min(x for _, x, _ in row)
+            xb = max(x + v.shape[1] for _, x, v in row)
+            patch = np.zeros((yb - ya, xb - xa) + row[0][2].shape[2:], dtype=np.int64)
+            for y, x, v in row:  # integer sums: exact whatever the grouping
+                patch[y - ya : y - ya + v.shape[0], x - xa : x - xa + v.shape[1]] += np.rint(
+                    v.astype(np.float64) * FIXED_POINT).astype(np.int64)
+            sl = (slice(ya, yb), slice(xa, xb))
+            self.sum[sl] = self.sum[sl] + patch
 
 
 @dataclass
@@ -348,8 +362,7 @@ class RegionTranslator:
             keep = inside.copy()
             keep[inside] = self._tissue_mask(tiles[inside])
             sums.n_skipped += int((~keep).sum())
-            for oy, ox in batch:
-                sums.weight.add(oy, ox, _crop(window, oy, ox, out_h, out_w))
+            sums.weight.add([(oy, ox, _crop(window, oy, ox, out_h, out_w)) for oy, ox in batch])
             outputs = {}
             if keep.any():
                 outputs = self.pipeline.translate(
@@ -362,13 +375,15 @@ class RegionTranslator:
                             outputs[f"IHC-{t.name}"] = render_dab_ihc(tiles[keep], outputs[t.name])
             kept_index = np.cumsum(keep) - 1
             for name, a in sums.outputs.items():
+                blended = []
                 for i, (oy, ox) in enumerate(batch):
                     if keep[i]:
                         value = outputs[name][kept_index[i]].astype(np.float32)
                     else:
                         value = _background(a.sum.shape, T)
                     win = window if value.ndim == 2 else window[..., None]
-                    a.add(oy, ox, _crop(value * win, oy, ox, out_h, out_w))
+                    blended.append((oy, ox, _crop(value * win, oy, ox, out_h, out_w)))
+                a.add(blended)
             done += len(batch)
             progress(ProgressEvent("tiles", done, total, f"{done}/{total} tiles"))
 
