@@ -1,0 +1,1 @@
+"""Data: tissue detection, patch stores, HER2ST ingestion, patient-level splits."""
