@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "mupd.train.commands",
     "mupd.engine.server",
     "mupd.eval.command",
+    "mupd.data.command",
 ]
 
 

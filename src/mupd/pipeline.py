@@ -189,6 +189,8 @@ class MuPDPipeline:
     @staticmethod
     def _model_kwargs(cond: dict[str, Any]) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"stain": cond["stain"], "source": cond.get("source")}
+        if cond.get("source_present") is not None:
+            kwargs["source_present"] = cond["source_present"]
         if cond.get("text") is not None:
             kwargs["text"], kwargs["text_mask"] = cond["text"]
         if cond.get("rna") is not None:
@@ -203,7 +205,8 @@ class MuPDPipeline:
         """Flow-matching loss of one batch (see the module doc for the batch layout).
 
         batch: "target" (B, 3, H, W) in [-1, 1]; "stain" list[str]; optional "source"
-        (B, 3, H, W); "text" list[str | None]; "rna_values" (B, G) + "rna_mask" (B, G) bool;
+        (B, 3, H, W) + optional "source_present" (B,) bool (a batch mixing tasks);
+        "text" list[str | None]; "rna_values" (B, G) + "rna_mask" (B, G) bool;
         "reference" (B, 3, H, W) + optional "reference_present" (B,) bool."""
         model = model if model is not None else self.transformer
         device = self.device
@@ -227,6 +230,8 @@ class MuPDPipeline:
         cond: dict[str, Any] = {"stain": self._stain_ids(batch["stain"])}
         if batch.get("source") is not None:
             cond["source"] = self._encode(batch["source"].to(device))
+            if batch.get("source_present") is not None:
+                cond["source_present"] = batch["source_present"].to(device).bool()
         text = self._text(batch.get("text"))
         if text is not None:
             cond["text"] = (text[0], text[1] & keep["text"][:, None])

@@ -78,19 +78,26 @@ class MuPDTransformer(ModelMixin, ConfigMixin):
                 rna_values: Optional[torch.Tensor] = None, rna_mask: Optional[torch.Tensor] = None,
                 reference: Optional[torch.Tensor] = None,
                 reference_present: Optional[torch.Tensor] = None,
+                source_present: Optional[torch.Tensor] = None,
                 scales: Optional[dict[str, float]] = None) -> torch.Tensor:
         """Velocity for latents `sample` (B, C, h, w) at `timestep` (B,) in [0, 1] (1 = noise).
 
-        `stain` (B,) long: catalogue ids. `source` (B, C, h, w) or None. Each modality is given
+        `stain` (B,) long: catalogue ids. `source` (B, C, h, w) or None; `source_present` (B,) bool marks
+        which samples have one when a batch mixes translation and generation. Each modality is given
         as tokens + mask; a sample whose mask row is all False does not have it. `scales`
         multiplies each stream's output (0 = skip the stream)."""
         b, _, h, w = sample.shape
         has_source = source is not None
+        if has_source and source_present is not None:  # a batch mixing tasks: zero the absent
+            source = source * source_present.to(source.dtype)[:, None, None, None]
         source = source if has_source else torch.zeros_like(sample)
         x = self.patch_embed(self._patchify(torch.cat([sample, source], dim=1)))
         x = x + self._pos_embed(h, w, x)
         t = self.time_embed(self.time_proj(timestep.float() * 1000).to(x.dtype))
-        flag = torch.full((b,), int(has_source), device=x.device, dtype=torch.long)
+        if has_source and source_present is not None:
+            flag = source_present.to(device=x.device, dtype=torch.long)
+        else:
+            flag = torch.full((b,), int(has_source), device=x.device, dtype=torch.long)
         c = t + self.stain_embed(stain) + self.source_embed(flag)
         contexts = {}
         if text is not None:

@@ -45,7 +45,7 @@ def _stack(images: Sequence[np.ndarray], what: str, names: Sequence[str]) -> tor
 
 
 def collate(samples: Sequence[Sample], rna_tokenizer: Any = None) -> dict[str, Any]:
-    """The pipeline's training batch from samples of one task (all with a source, or none)."""
+    """The pipeline's training batch; samples without a source get a zero one, flagged absent."""
     names = [s.name for s in samples]
     batch: dict[str, Any] = {
         "target": _stack([s.target for s in samples], "target", names),
@@ -53,9 +53,11 @@ def collate(samples: Sequence[Sample], rna_tokenizer: Any = None) -> dict[str, A
     }
     with_source = [s.source is not None for s in samples]
     if any(with_source):
-        if not all(with_source):
-            raise DataError(f"batch mixes translation and generation samples ({', '.join(names)})")
-        batch["source"] = _stack([s.source for s in samples], "source", names)
+        blank = next(s.source for s in samples if s.source is not None) * 0
+        batch["source"] = _stack([s.source if s.source is not None else blank for s in samples],
+                                 "source", names)
+        if not all(with_source):  # multi-task batch: the model sees which samples have one
+            batch["source_present"] = torch.tensor(with_source)
     if any(s.text for s in samples):
         batch["text"] = [s.text or None for s in samples]
     if any(s.rna is not None for s in samples):

@@ -22,7 +22,7 @@ class TrainConfigError(MuPDError):
     """A training config that cannot be used as written."""
 
 
-TASKS = ("generate", "translate")
+TASKS = ("generate", "translate", "both")
 CONDITIONS = ("text", "rna", "reference")
 
 
@@ -38,7 +38,8 @@ class ModelSection:
 @dataclass
 class DataSection:
     store: str = ""  # PatchStore folder
-    task: str = "generate"  # generate: H&E from text/RNA; translate: H&E source -> target stains
+    task: str = "generate"  # generate: H&E from text/RNA; translate: H&E source -> target stains;
+    # both: every tile once as an H&E generation sample and once per marker target
     targets: list[str] = field(default_factory=lambda: ["H&E"])  # stains/markers to learn
     conditions: list[str] = field(default_factory=lambda: ["text", "rna"])
     patients: list[str] = field(default_factory=list)  # train on these only (empty: all allowed)

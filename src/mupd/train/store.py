@@ -7,6 +7,7 @@ with data-loader workers.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
@@ -79,4 +80,26 @@ def store_samples(config: TrainConfig, pipeline: Any) -> tuple[StoreSamples, str
              + (f"; held out: {', '.join(data.exclude_patients)}" if data.exclude_patients else ""))
     description = (f"Patch store `{data.store}`: {len(rows)} tiles, task {data.task}, "
                    f"conditions {', '.join(data.conditions) or 'none'}.")
-    return StoreSamples(store, rows, data), description, split
+    if data.task != "both":
+        return StoreSamples(store, rows, data), description, split
+    generate = dataclasses.replace(data, task="generate", targets=["H&E"])
+    translate = dataclasses.replace(data, task="translate", conditions=[],
+                                    targets=[t for t in data.targets if t != "H&E"])
+    # Balanced: each tile is seen as often for generation as for translation (all markers).
+    gen, trans = StoreSamples(store, rows, generate), StoreSamples(store, rows, translate)
+    return MixedSamples([gen] * len(translate.targets) + [trans]), description, split
+
+
+class MixedSamples(Sequence[Sample]):
+    """Several sample sets read as one (multi-task training from one store)."""
+
+    def __init__(self, parts: Sequence[Sequence[Sample]]) -> None:
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> Sample:  # type: ignore[override]
+        part = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.parts[part][i - int(self.offsets[part])]
