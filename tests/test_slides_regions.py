@@ -115,9 +115,37 @@ def test_fluorescence_slide_is_refused(shared_data):
 
 
 def test_array_slide_whole_region_runs_with_tissue_detection():
-    pytest.importorskip("mupd.data.tissue", reason="mupd.data.tissue has not landed")
     image = immunohistochemistry()
     pipe = TileContextPipeline(tile_size=128, mpp=0.5)
     result = RegionTranslator(pipe)(ArraySlide(image, mpp=0.5), ["Ki67"])
     assert result.box == (0, 0, 512, 512) and result.layers[0].data.shape == (512, 512)
     assert pipe.tiles_seen == result.n_tiles - result.n_skipped > 0
+
+
+def test_engine_cancel_leaves_no_output_and_no_temporary_files(cmu, tmp_path, monkeypatch):
+    import tempfile
+
+    from mupd.engine.api import TranslateRequest
+    from mupd.engine.local import LocalEngine
+    from test_slides_support import model_folder
+
+    engine = LocalEngine(str(model_folder(tmp_path / "model")), device="cpu")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(slides, "IN_MEMORY_LIMIT_PX", 0)
+    token, seen = CancelToken(), []
+
+    def progress(event):
+        seen.append(event.step)
+        if event.step > 0:
+            token.cancel()
+
+    out = tmp_path / "results" / "roi"
+    request = TranslateRequest(slide_path=str(cmu.path), stains=["Ki67"], box=(0, 0, 1500, 1500),
+                               output_path=str(out))
+    with pytest.raises(CancelledError):
+        engine.translate(request, progress=progress, cancel=token)
+    assert seen == [0, 8]  # one batch of 8 tiles ran, the next never started
+    assert not out.parent.exists()  # nothing written, not even a partial sibling
+    assert list(scratch.iterdir()) == []

@@ -1,7 +1,7 @@
 """Shared pieces of the slide tests: the model to use, and a model-free stand-in for geometry.
 
 `model_pipeline()` is the bundled trained model when it exists, else the untrained `tiny`
-config (fine for geometry, blending and memory), else a skip saying the pipeline is missing.
+config (fine for geometry, blending and memory).
 `TileContextPipeline` has no model inside: it keeps the pipeline contract with fixed image
 operations so that registration and blending can be tested exactly, without pretending to be MuPD.
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from skimage.color import rgb2hed
 
 from mupd.models.catalogue import StainCatalogue
 from mupd.paths import DEFAULT_MODEL
+from mupd.pipeline import MuPDPipeline
 
 CMU = Path("wsi/CMU-1-Small-Region.svs")
 
@@ -29,21 +29,22 @@ def cmu_slide_path(shared_data: Path | None = None) -> Path:
     return Path(sample_slide_path())
 
 
-def model_pipeline():
-    """The bundled model if trained, else untrained `tiny`; skip while mupd.pipeline is absent."""
-    module = pytest.importorskip("mupd.pipeline", reason="mupd.pipeline has not landed")
-    if DEFAULT_MODEL.is_dir() and any(DEFAULT_MODEL.iterdir()):
-        return module.MuPDPipeline.from_pretrained(DEFAULT_MODEL)
-    return module.MuPDPipeline.from_config_name("tiny")
+def _bundled() -> bool:
+    return (DEFAULT_MODEL / "model_index.json").is_file()
+
+
+def model_pipeline() -> MuPDPipeline:
+    """The bundled model if it exists, else the untrained `tiny` config."""
+    if _bundled():
+        return MuPDPipeline.from_pretrained(DEFAULT_MODEL)
+    return MuPDPipeline.from_config_name("tiny")
 
 
 def model_folder(tmp_path: Path) -> Path:
-    """A model folder for the CLI: the bundled one if trained, else an untrained `tiny` saved here."""
-    module = pytest.importorskip("mupd.pipeline", reason="mupd.pipeline has not landed")
-    if DEFAULT_MODEL.is_dir() and any(DEFAULT_MODEL.iterdir()):
+    """A model folder for the CLI: the bundled one if it exists, else an untrained `tiny` saved here."""
+    if _bundled():
         return DEFAULT_MODEL
-    module.MuPDPipeline.from_config_name("tiny").save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
+    return MuPDPipeline.from_config_name("tiny").save_pretrained(tmp_path / "tiny")
 
 
 class TileContextPipeline:
