@@ -122,7 +122,7 @@ def evaluate_text_to_he(pipeline: Any, train: SpotTable, heldout: SpotTable,
         held_labels = attribute_labels(heldout, gene)
         for level, want in (("high", 1), ("low", 0)):
             real = heldout.tiles[held_labels == want][:4]
-            examples[f"real held-out {marker}-{level}"] = real
+            examples[f"real {marker}-{level}"] = real
         entry: dict[str, Any] = {
             "gene": gene,
             "scorer_heldout_balanced_accuracy": float(balanced_accuracy_score(
@@ -138,7 +138,7 @@ def evaluate_text_to_he(pipeline: Any, train: SpotTable, heldout: SpotTable,
                     tiles = np.asarray(pipeline.generate(text=text, stain="H&E", num_images=n_tiles,
                                                          steps=steps, seed=seed))
                     hits[level].append(float(np.mean(scorer.predict(features(tiles, train.mpp)) == want)))
-                    examples.setdefault(f"MuPD: {text}", tiles[:4])
+                    examples.setdefault(f"MuPD {marker}-{level}", tiles[:4])
             entry["prompt_agreement"] = {k: mean_std(v).to_dict() for k, v in hits.items()}
             entry["prompt_agreement_mean"] = mean_std(
                 [(h + l) / 2 for h, l in zip(hits["high"], hits["low"])]).to_dict()

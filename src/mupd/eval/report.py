@@ -66,7 +66,8 @@ def _figures(results: dict[str, Any], out: Path) -> dict[str, str]:
     text = results["text_to_he"]["_examples"]
     if text:
         paths["text_to_he"] = tile_grid_figure(dict(text), "text -> H&E: real held-out B4 tiles "
-                                               "of each class and MuPD tiles for its prompt",
+                                               "of each class, MuPD tiles for its prompt\n"
+                                               f"({results['text_to_he']['prompt_template']})",
                                                out / "fig-text-to-he.png")
     paths["augmentation"] = augmentation_figure(results["augmentation"], out / "fig-augmentation.png")
     return {k: Path(v).name for k, v in paths.items()}
