@@ -11,7 +11,7 @@ from mupd.errors import DataError
 from mupd.eval.augment import tertile_classes
 from mupd.eval.baselines import RidgeBaseline, TrainingMeanBaseline, fit_logistic
 from mupd.eval.features import features
-from mupd.eval.heldout import TRAIN_SECTIONS, footprint_mask, load_section, masked_box
+from mupd.data.sections import TRAIN_SECTIONS, footprint_mask, load_section, masked_box
 from mupd.eval.metrics import frechet_distance, pearson
 from mupd.eval.spots import build_spot_table
 

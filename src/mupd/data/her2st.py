@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
-from ..eval.heldout import load_section
+from .sections import load_section
 from ..paths import STAIN_CATALOGUE
 from .store import write_patch_store
 from .tissue import is_tissue

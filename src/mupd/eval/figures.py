@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .heldout import masked_box  # noqa: E402
+from ..data.sections import masked_box  # noqa: E402
 
 
 def _thumbnail(path: str, size: int = 512) -> tuple[np.ndarray, float]:

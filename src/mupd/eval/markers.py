@@ -36,7 +36,7 @@ from sklearn.linear_model import LinearRegression
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
 from .baselines import RidgeBaseline, TrainingMeanBaseline
 from .features import FEATURE_NAMES
-from .heldout import footprint_mask
+from ..data.sections import footprint_mask
 from .metrics import (block_bootstrap_ci, mean_std, mse_per_column, partial_pearson, pearson,
                       pearson_per_column)
 from .spots import SpotTable

@@ -20,7 +20,7 @@ from .augment import evaluate_augmentation
 from .baselines import RidgeBaseline
 from .features import FEATURE_NAMES
 from .generation import DEFAULT_PROMPT, FeatureSpace, evaluate_rna_to_he, evaluate_text_to_he
-from .heldout import HELDOUT_SECTIONS, TRAIN_SECTIONS
+from ..data.sections import HELDOUT_SECTIONS, TRAIN_SECTIONS
 from .markers import evaluate_markers, marker_targets
 from .spots import build_spot_table
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .features import features
-from .heldout import SpotSection, load_section, sample_spots
+from ..data.sections import SpotSection, load_section, sample_spots
 
 
 @dataclass

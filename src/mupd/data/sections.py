@@ -1,4 +1,4 @@
-"""HER2ST sections as the evaluation sees them: spots, raw counts, mpp, spot-centred tiles.
+"""HER2ST sections: spots, raw counts, mpp, spot-centred tiles (training stores and evaluation share it).
 
 Patient-level split (data README): patient C (C2..C6, the sections with H&E) trains, patient B
 (B4) and patient A (A1, a 2000-px downscale at ~3.2 um/px) are held out entirely.
