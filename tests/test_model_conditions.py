@@ -89,6 +89,8 @@ def test_bad_expression_is_refused_naming_the_genes():
         tok.align({"ERBB2": 1.0, "PGR": -2.0})
     with pytest.raises(ConditionError, match=r"panel 'demo'.*ERBB2, ESR1"):
         RNATokenizer(PANEL, name="demo").align({"FOO1": 3, "BAR2": 4})
+    with pytest.raises(ConditionError, match="gene PGR is not a number: 'high'"):
+        tok.align({"ERBB2": 1.0, "PGR": "high"})
     with pytest.raises(ConditionError, match="sums to zero"):
         tok.align({"ERBB2": 0, "ESR1": 0})
 

@@ -49,7 +49,13 @@ def read_profile(profile: Any) -> dict[str, float]:
     if isinstance(profile, (str, Path)):
         return _read_table(Path(profile))
     if isinstance(profile, Mapping):
-        return {str(k): float(v) for k, v in profile.items()}
+        out = {}
+        for gene, value in profile.items():
+            try:
+                out[str(gene)] = float(value)
+            except (TypeError, ValueError):
+                raise ConditionError(f"RNA expression of gene {gene} is not a number: {value!r}") from None
+        return out
     if hasattr(profile, "var_names") and hasattr(profile, "X"):  # AnnData (row view)
         if profile.n_obs != 1:
             raise ConditionError(f"an AnnData RNA profile must be one row (spot); got {profile.n_obs}")
