@@ -273,8 +273,8 @@ def test_train_from_config_writes_model_folder_and_card(tmp_path):
     class SavingStandIn(StandInPipeline):
         tile_size, mpp = TILE, 0.5
 
-        def save_pretrained(self, folder):
-            Path(folder).mkdir(parents=True)
+        def save_pretrained(self, folder, overwrite=False):
+            Path(folder).mkdir(parents=True, exist_ok=overwrite)
             save_file(self.transformer.state_dict(), str(Path(folder) / "weights.safetensors"))
 
     data = tmp_path / "captions"
@@ -294,5 +294,7 @@ def test_train_from_config_writes_model_folder_and_card(tmp_path):
     assert "steps: 4 (batch 2 = 2 x 1 process(es) x 1 accumulation)" in card
     assert "EMA of the trained weights" in card and "To be filled by `mupd eval`" in card
     assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["max_steps"] == 4
-    with pytest.raises(OutputExistsError, match="this run finished"):
+    with pytest.raises(OutputExistsError, match="pass --resume"):
+        train(config, pipeline=SavingStandIn())
+    with pytest.raises(OutputExistsError, match="already trained to 4 steps"):
         train(config, pipeline=SavingStandIn(), resume=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -57,7 +58,7 @@ def test_train_from_config_writes_model_card_and_resumes(tmp_path, shared_data, 
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(config))
     assert main(["train", "--config", str(path), "--max-steps", "3"]) == 0
-    assert main(["train", "--config", str(path)]) == 2  # checkpoints exist: needs --resume
+    assert main(["train", "--config", str(path)]) == 2  # an earlier run: needs --resume
     assert main(["train", "--config", str(path), "--resume"]) == 0
     model = tmp_path / "run" / "model"
     card = (model / "MODEL_CARD.md").read_text()
@@ -106,3 +107,22 @@ def test_finetune_cli_reports_bad_data(tmp_path, tiny_model, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "cannot read image" in err and "a.png" in err
     assert not (tmp_path / "out").exists()  # stopped before training
+
+
+def test_real_pipeline_loss_decreases_on_real_tiles(tmp_path, shared_data):
+    """The real (small-overridden) tiny pipeline learns on real colorectal H&E tiles."""
+    from mupd.train.batches import Sample
+    from mupd.train.config import CheckpointSection, OptimSection
+    from mupd.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    pipeline = MuPDPipeline.from_config_name("tiny", tile_size=32, hidden_size=96, depth=2)
+    samples = []
+    for path in he_tiles(shared_data):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        samples += [Sample(target=image[y:y + 32, x:x + 32], stain="H&E")
+                    for y in range(0, 192, 64) for x in range(0, 192, 64)]
+    optim = OptimSection(max_steps=300, batch_size=8, learning_rate=2e-3, warmup_steps=5)
+    result = Trainer(pipeline, samples, optim, CheckpointSection(every=300), tmp_path,
+                     log_every=30).fit()
+    assert result.final_loss < 0.7 * result.first_loss, (result.first_loss, result.final_loss)

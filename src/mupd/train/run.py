@@ -44,13 +44,15 @@ def training_samples(config: TrainConfig, pipeline: Any) -> tuple[Sequence[Sampl
     return store_samples(config, pipeline)
 
 
-def _check_output(run_dir: Path, resume: bool) -> None:
-    if (run_dir / "model").exists():
-        raise OutputExistsError(f"{run_dir / 'model'} already exists: this run finished; "
-                                f"choose another output folder")
-    if not resume and CheckpointManager(run_dir / "checkpoints").latest() is not None:
-        raise OutputExistsError(f"{run_dir} holds checkpoints of an earlier run; pass --resume "
-                                f"to continue it or choose another output folder")
+def _check_output(run_dir: Path, resume: bool, max_steps: int) -> None:
+    """A run folder is only continued with --resume, and only to more steps than it has."""
+    latest = CheckpointManager(run_dir / "checkpoints").latest()
+    if not resume and (latest is not None or (run_dir / "model").exists()):
+        raise OutputExistsError(f"{run_dir} holds an earlier run; pass --resume to continue it "
+                                f"(with more steps to extend it) or choose another output folder")
+    if resume and latest is not None and int(latest.name.split("-")[1]) >= max_steps:
+        raise OutputExistsError(f"{run_dir} is already trained to {latest.name.split('-')[1].lstrip('0')} "
+                                f"steps; raise optim.max_steps to train further")
 
 
 def train(config: TrainConfig, resume: bool = False, progress: Optional[ProgressCallback] = None,
@@ -61,7 +63,7 @@ def train(config: TrainConfig, resume: bool = False, progress: Optional[Progress
     one, e.g. an engine); it must match `config.model` when resuming.
     """
     run_dir = Path(config.output)
-    _check_output(run_dir, resume)
+    _check_output(run_dir, resume, config.optim.max_steps)
     pipeline = pipeline if pipeline is not None else load_pipeline(config.model)
     samples, data_text, split_text = training_samples(config, pipeline)
     trainer = Trainer(pipeline, samples, config.optim, config.checkpoint, run_dir,
@@ -73,7 +75,7 @@ def train(config: TrainConfig, resume: bool = False, progress: Optional[Progress
     trainer.apply_ema()
     if trainer.accelerator.is_main_process:
         model_dir = run_dir / "model"
-        pipeline.save_pretrained(model_dir)
+        pipeline.save_pretrained(model_dir, overwrite=True)  # a resumed, extended run
         write_model_card(
             model_dir, how="trained", data=data_text, split=split_text,
             command=command or " ".join(sys.argv), base=config.model.base or f"config {config.model.name!r} (fresh weights)",
