@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import ModelError, OutputExistsError
-from ..progress import CancelToken, ProgressCallback
+from ..progress import CancelToken, ProgressCallback, ProgressEvent
 from .batches import Sample
 from .card import write_model_card
 from .checkpoint import CheckpointManager
@@ -66,6 +66,11 @@ def train(config: TrainConfig, resume: bool = False, progress: Optional[Progress
     _check_output(run_dir, resume, config.optim.max_steps)
     pipeline = pipeline if pipeline is not None else load_pipeline(config.model)
     samples, data_text, split_text = training_samples(config, pipeline)
+    codec = dict(getattr(pipeline, "config", {}).get("codec", {}))
+    if progress is not None:
+        note = ("pixel codec (weight-free space-to-depth): no codec to train" if codec.get("type") == "pixel"
+                else f"codec {codec or 'unknown'} is used frozen as loaded (no train_vae step yet)")
+        progress(ProgressEvent("train", 0, config.optim.max_steps, message=note))
     trainer = Trainer(pipeline, samples, config.optim, config.checkpoint, run_dir,
                       num_workers=config.data.num_workers, log_every=config.log_every)
     if trainer.accelerator.is_main_process:
