@@ -126,3 +126,40 @@ def test_real_pipeline_loss_decreases_on_real_tiles(tmp_path, shared_data):
     result = Trainer(pipeline, samples, optim, CheckpointSection(every=300), tmp_path,
                      log_every=30).fit()
     assert result.final_loss < 0.7 * result.first_loss, (result.first_loss, result.final_loss)
+
+
+def test_train_translate_from_patch_store_skips_held_out(tmp_path, tiny_model):
+    """A PatchStore of real IHC tiles (patients A, C): translation to a marker with RNA; the
+    held-out patient A is filtered before any tile is read. Marker maps here are the DAB
+    channel of the same tiles (a mechanics test, not a ground truth)."""
+    import pandas as pd
+    from skimage.color import rgb2hed
+    from skimage.data import immunohistochemistry
+
+    from mupd.data.store import write_patch_store
+    from mupd.train.config import config_from_dict
+    from mupd.train.run import train
+
+    T = 32
+    image = immunohistochemistry()
+    tiles = np.stack([image[y:y + T, x:x + T] for y in range(0, 128, T) for x in range(0, 128, T)])
+    dab = np.clip(rgb2hed(tiles.reshape(-1, T, 3))[..., 2].reshape(tiles.shape[:3]) * 10, 0, 1)
+    n = len(tiles)
+    manifest = pd.DataFrame({"patient": ["A"] * 4 + ["C"] * (n - 4), "slide": "s", "x": 0, "y": 0,
+                             "mpp": 1.0, "tile_size": T, "source": "skimage"})
+    genes = ["ERBB2", "ESR1", "MKI67"]
+    rna = np.random.default_rng(0).poisson(5, (n, 3)).astype(np.float32)
+    store = write_patch_store(tmp_path / "store", tiles, manifest,
+                              markers={"HER2": dab.astype(np.float32)}, rna=rna, genes=genes,
+                              rna_normalized=False)
+    torch.manual_seed(0)
+    pipeline = MuPDPipeline.from_config_name("tiny", tile_size=T, hidden_size=96, depth=2)
+    config = config_from_dict({
+        "output": str(tmp_path / "run"),
+        "data": {"store": str(store), "task": "translate", "targets": ["HER2"],
+                 "conditions": ["rna"], "exclude_patients": ["A"]},
+        "optim": {"max_steps": 3, "batch_size": 4}, "checkpoint": {"every": 3}, "log_every": 1})
+    result = train(config, pipeline=pipeline)
+    assert result.steps == 3
+    card = (tmp_path / "run" / "model" / "MODEL_CARD.md").read_text()
+    assert "patients C; held out: A" in card and f"{n - 4} tiles, task translate" in card
