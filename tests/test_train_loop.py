@@ -146,14 +146,19 @@ def test_batch_order_shards_and_errors():
         BatchOrder(3, 4)
 
 
-def test_collate_rejects_mixed_tasks():
+def test_collate_flags_mixed_tasks_and_rejects_ragged_tiles():
     tiles = real_tiles()[:2]
     tiles[1].source = tiles[0].target
-    with pytest.raises(DataError, match="mixes translation and generation"):
-        collate(tiles)
+    batch = collate(tiles)
+    assert batch["source_present"].tolist() == [False, True]
+    assert float(batch["source"][0].abs().max()) == 1.0  # the absent source is blank (0 -> -1)
     batch = collate(real_tiles()[:3])
-    assert batch["target"].shape == (3, 3, TILE, TILE)
+    assert batch["target"].shape == (3, 3, TILE, TILE) and "source" not in batch
     assert -1 <= float(batch["target"].min()) < float(batch["target"].max()) <= 1
+    ragged = real_tiles()[:2]
+    ragged[1].target = ragged[1].target[:16]
+    with pytest.raises(DataError, match="tiles of different sizes"):
+        collate(ragged)
 
 
 def test_checkpoint_manager_keeps_last_k_and_ignores_partial(tmp_path):
