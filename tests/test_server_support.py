@@ -37,6 +37,7 @@ class ServerProcess:
         self.root, self.model, self.extra = root, model, extra or []
         self.token = secrets.token_urlsafe(24)
         self.token_file = root / "token"
+        root.mkdir(parents=True, exist_ok=True)
         self.token_file.write_text(self.token)
         self.token_file.chmod(0o600)
         for name in ("slides", "models", "state"):
