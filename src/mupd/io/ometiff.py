@@ -14,8 +14,7 @@ import dask.array as da
 import numpy as np
 import tifffile
 
-from .atomic import atomic_output
-from .pyramid import TILE, as_yxc, build_pyramid, check_channels, check_mpp
+from .pyramid import TILE, write_pyramid_atomically
 
 
 def _tiles(level: da.Array, planes: bool) -> Iterator[np.ndarray]:
@@ -65,12 +64,5 @@ def write_ome_tiff(path: str | Path, image, mpp: float | tuple[float, float],
                    overwrite: bool = False, n_levels: Optional[int] = None,
                    metadata: Optional[dict] = None) -> Path:
     """Write (Y, X, C) numpy/dask as a pyramidal OME-TIFF; atomic, never clobbers by default."""
-    final = Path(path)
-    what = f"OME-TIFF {final}"
-    arr = as_yxc(image, what)
-    pair = check_mpp(mpp, what)
-    names, cols = check_channels(channel_names, colors, int(arr.shape[2]), what)
-    levels = build_pyramid(arr, n_levels)
-    with atomic_output(final, overwrite) as tmp:
-        _write_tiff(tmp, levels, pair, names, cols, metadata, final.name)
-    return final
+    return write_pyramid_atomically("OME-TIFF", path, image, mpp, channel_names, colors, overwrite,
+                                    n_levels, metadata, _write_tiff)

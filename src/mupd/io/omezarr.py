@@ -15,8 +15,7 @@ import numpy as np
 import zarr
 
 from ..errors import SlideError
-from .atomic import atomic_output
-from .pyramid import TILE, as_yxc, build_pyramid, check_channels, check_mpp
+from .pyramid import TILE, write_pyramid_atomically
 from .slide import MppLike, Slide
 
 _UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "centimeter": 1e4, "meter": 1e6,
@@ -62,15 +61,8 @@ def write_ome_zarr(path: str | Path, image, mpp: float | tuple[float, float],
                    overwrite: bool = False, n_levels: Optional[int] = None,
                    metadata: Optional[dict] = None) -> Path:
     """Write (Y, X, C) numpy/dask as an NGFF multiscale pyramid; atomic, never clobbers by default."""
-    final = Path(path)
-    what = f"OME-Zarr {final}"
-    arr = as_yxc(image, what)
-    pair = check_mpp(mpp, what)
-    names, cols = check_channels(channel_names, colors, int(arr.shape[2]), what)
-    levels = build_pyramid(arr, n_levels)
-    with atomic_output(final, overwrite) as tmp:
-        _write_pyramid(tmp, levels, pair, names, cols, metadata, final.name)
-    return final
+    return write_pyramid_atomically("OME-Zarr", path, image, mpp, channel_names, colors, overwrite,
+                                    n_levels, metadata, _write_pyramid)
 
 
 def is_ome_zarr(path: Path) -> bool:

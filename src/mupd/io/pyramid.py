@@ -73,3 +73,22 @@ def build_pyramid(image: da.Array, n_levels: Optional[int]) -> list[da.Array]:
             nxt = da.round(nxt)
         levels.append(nxt.astype(image.dtype).rechunk((TILE, TILE, -1)))
     return levels
+
+
+def write_pyramid_atomically(kind: str, path, image, mpp, channel_names, colors, overwrite: bool,
+                             n_levels, metadata, write) -> Path:
+    """The checks, pyramid and atomic rename both writers share; `write(tmp, levels, mpp,
+    names, colours, metadata, final_name)` writes one format."""
+    from pathlib import Path
+
+    from .atomic import atomic_output
+
+    final = Path(path)
+    what = f"{kind} {final}"
+    arr = as_yxc(image, what)
+    pair = check_mpp(mpp, what)
+    names, cols = check_channels(channel_names, colors, int(arr.shape[2]), what)
+    levels = build_pyramid(arr, n_levels)
+    with atomic_output(final, overwrite) as tmp:
+        write(tmp, levels, pair, names, cols, metadata, final.name)
+    return final
