@@ -54,9 +54,10 @@ class TileContextPipeline:
 
     def __init__(self, tile_size: int = 128, mpp: float = 1.0) -> None:
         self.tile_size, self.mpp, self.catalogue = tile_size, mpp, StainCatalogue.load()
+        self.latent_step = 1  # no latent grid: any tile origin
         self.tiles_seen = 0
 
-    def translate(self, tiles, stains, steps=1, guidance=None, seed=0, batch_size=8):
+    def translate(self, tiles, stains, steps=1, guidance=None, seed=0, batch_size=8, positions=None):
         tiles = np.asarray(tiles)
         self.tiles_seen += len(tiles)
         h = rgb2hed(tiles)[..., 0]

@@ -317,11 +317,36 @@ class MuPDPipeline:
             return ((images.mean(dim=1) + 1) / 2).cpu().numpy().astype(np.float32)
         return ((images + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
 
-    def _noise(self, n: int, seed: int) -> torch.Tensor:
-        """Noise drawn on the CPU from `seed`: the same images on every device and batch size."""
+    @property
+    def latent_step(self) -> int:
+        """Image pixels per latent pixel: tiles placed on multiples of it can share one noise field."""
+        return int(self.codec.downsample)
+
+    def _noise(self, n: int, seed: int,
+               positions: Optional[Sequence[tuple[int, int]]] = None) -> torch.Tensor:
+        """Noise drawn on the CPU from `seed`: the same images on every device and batch size.
+
+        With `positions` (each tile's (y, x) origin in image pixels of one shared frame) the
+        noise of a tile is its window of one noise field over that frame, so tiles that overlap
+        start from the same noise where they overlap; the field is drawn in tile-sized blocks
+        keyed by (seed, block row, block column), so any tile is cut out without the whole field.
+        """
         lat = self.tile_size // self.codec.downsample
-        gen = torch.Generator().manual_seed(int(seed))
-        return torch.randn((n, self.codec.latent_channels, lat, lat), generator=gen)
+        if positions is None:
+            gen = torch.Generator().manual_seed(int(seed))
+            return torch.randn((n, self.codec.latent_channels, lat, lat), generator=gen)
+        if len(positions) != n:
+            raise ConditionError(f"{len(positions)} tile positions given for {n} tiles")
+        if seed < 0:
+            raise ConditionError(f"seed must be >= 0 for positioned tiles (got {seed})")
+        step = self.latent_step
+        tiles = []
+        for y, x in positions:
+            if y % step or x % step or y < 0 or x < 0:
+                raise ConditionError(f"tile position ({y}, {x}) px is not a non-negative multiple of "
+                                     f"the model's latent step {step} px")
+            tiles.append(_field_window(int(seed), y // step, x // step, lat, self.codec.latent_channels))
+        return torch.from_numpy(np.stack(tiles))
 
     def _check_run(self, steps: int, sampler: str, batch_size: int) -> None:
         if steps < 1:
@@ -379,9 +404,14 @@ class MuPDPipeline:
     def translate(self, images: np.ndarray, stains: Sequence[str], steps: int = 1,
                   guidance: Optional[dict[str, float]] = None, seed: int = 0, batch_size: int = 8,
                   sampler: str = "euler", progress: Optional[ProgressCallback] = None,
-                  cancel: Optional[CancelToken] = None) -> dict[str, np.ndarray]:
+                  cancel: Optional[CancelToken] = None,
+                  positions: Optional[Sequence[tuple[int, int]]] = None) -> dict[str, np.ndarray]:
         """H&E tiles (N, T, T, 3) uint8 -> {stain as given: (N, T, T, 3) uint8 for an RGB stain,
-        (N, T, T) float32 in [0, 1] for a marker}. steps=1 is the one-step readout."""
+        (N, T, T) float32 in [0, 1] for a marker}. steps=1 is the one-step readout.
+
+        `positions`: each tile's (y, x) origin in pixels of one shared frame (multiples of
+        `latent_step`); overlapping tiles then share their starting noise, so their predictions
+        agree where they overlap (the output is dominated by that noise for a weak model)."""
         self._check_run(steps, sampler, batch_size)
         guidance = self._check_guidance(guidance)
         tiles = self._check_tiles(images, "H&E tiles")
@@ -390,7 +420,7 @@ class MuPDPipeline:
         targets = {s: self.catalogue.get(s) for s in stains}
         if not targets:
             raise ConditionError("no target stain given: name at least one stain or marker")
-        noise = self._noise(len(tiles), seed)
+        noise = self._noise(len(tiles), seed, positions)
         chunks = -(-len(tiles) // batch_size)
         out: dict[str, list[np.ndarray]] = {s: [] for s in targets}
         for c, start in enumerate(range(0, len(tiles), batch_size)):
@@ -403,3 +433,18 @@ class MuPDPipeline:
                                  sampler, progress, cancel, done, chunks * len(targets) * steps)
                 out[name].append(self._decode(x, target.kind))
         return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def _field_window(seed: int, y: int, x: int, size: int, channels: int) -> np.ndarray:
+    """The (channels, size, size) window at latent (y, x) of a standard-normal field made of
+    size x size blocks, block (by, bx) drawn from the seed sequence (seed, by, bx)."""
+    out = np.empty((channels, size, size), dtype=np.float32)
+    for by in range(y // size, (y + size - 1) // size + 1):
+        for bx in range(x // size, (x + size - 1) // size + 1):
+            block = np.random.default_rng([seed, by, bx]).standard_normal(
+                (channels, size, size), dtype=np.float32)
+            ya, xa = max(y, by * size), max(x, bx * size)
+            yb, xb = min(y + size, (by + 1) * size), min(x + size, (bx + 1) * size)
+            out[:, ya - y : yb - y, xa - x : xb - x] = block[:, ya - by * size : yb - by * size,
+                                                             xa - bx * size : xb - bx * size]
+    return out

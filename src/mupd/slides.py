@@ -3,7 +3,9 @@
 The slide is read tile by tile at the model's working magnification, background tiles are
 skipped, tiles overlap and are blended with a feathered window (weights normalised, so the
 result has no seams), and the sums live in zarr arrays on disk for large regions so that a
-whole section never sits in memory. The placement of every output is given in micrometres
+whole section never sits in memory. Tiles cut their starting noise from one noise field over
+the region (`translate(positions=...)`): a diffusion model's output follows its noise, so with
+a draw per tile neighbours would predict different things where they overlap. The placement of every output is given in micrometres
 in the source slide's frame (napari's pixel-centre convention).
 """
 
@@ -69,12 +71,17 @@ class RegionTranslation:
 
 @dataclass(frozen=True)
 class TileGrid:
-    """Tile origins (in output pixels) covering an output of `height` x `width`."""
+    """Tile origins (in output pixels) covering an output of `height` x `width`.
+
+    Origins are multiples of `step` (the model's latent step), so that overlapping tiles cut
+    their starting noise from one shared field (`MuPDPipeline.translate(positions=...)`).
+    """
 
     height: int
     width: int
     tile: int
     overlap: int
+    step: int = 1
 
     @property
     def stride(self) -> int:
@@ -85,7 +92,8 @@ class TileGrid:
             return [0]
         n = math.ceil((length - self.tile) / self.stride) + 1
         starts = [i * self.stride for i in range(n)]
-        starts[-1] = length - self.tile  # last tile flush with the edge: no padding inside the ROI
+        # last tile flush with the edge (no padding inside the ROI), or up to step - 1 px past it
+        starts[-1] = -(-(length - self.tile) // self.step) * self.step
         return sorted(set(starts))
 
     def origins(self) -> list[tuple[int, int]]:
@@ -247,7 +255,10 @@ class RegionTranslator:
                  tissue_only: bool = True) -> None:
         self.pipeline = pipeline
         self.batch_size = batch_size
-        self.overlap = int(round(pipeline.tile_size * overlap))
+        self.step = int(pipeline.latent_step)
+        # the stride (tile - overlap) stays a multiple of the latent step
+        self.overlap = int(pipeline.tile_size - self.step * round(
+            pipeline.tile_size * (1 - overlap) / self.step))
         self.tissue_only = tissue_only
 
     def __call__(
@@ -301,7 +312,7 @@ class RegionTranslator:
         x0, y0, w, h = box
         out_h, out_w = max(1, round(h / factor)), max(1, round(w / factor))
         T = self.pipeline.tile_size
-        origins = TileGrid(out_h, out_w, T, self.overlap).origins()
+        origins = TileGrid(out_h, out_w, T, self.overlap, self.step).origins()
         outside: frozenset = frozenset()
         if polygon is not None:
             outside = _tiles_outside(polygon, origins, T, x0, y0, factor)
@@ -368,6 +379,7 @@ class RegionTranslator:
                 outputs = self.pipeline.translate(
                     tiles[keep], [t.name for t in plan.targets], steps=steps, guidance=guidance,
                     seed=seed, batch_size=self.batch_size,
+                    positions=[o for o, k in zip(batch, keep) if k],
                 )
                 if render_brightfield:
                     for t in plan.targets:
