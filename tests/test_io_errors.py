@@ -100,3 +100,23 @@ def test_cli_style_message_has_no_traceback(tmp_path, sample_svs):
         fh.write(b"\x00" * 400_000)
     with open_slide(copy) as s, pytest.raises(SlideError, match=r"could not read pixels from .*copy\.svs"):
         s.read_region((0, 0), (2220, 2967))
+
+
+@pytest.mark.parametrize("cut_bytes", [20, 30000])  # inside the last IFD; the IFDs and half the tiles
+def test_truncated_ndpi_names_the_file(tmp_path, cut_bytes):
+    from test_io_readers import _gradient, write_ndpi
+
+    whole = tmp_path / "whole.ndpi"
+    write_ndpi(whole, _gradient())
+    cut = tmp_path / "cut.ndpi"
+    data = whole.read_bytes()
+    cut.write_bytes(data[:-cut_bytes])
+    with pytest.raises(SlideError, match=r"cut\.ndpi.*(truncated|corrupt)"):
+        open_slide(cut)
+
+
+def test_text_file_named_scn(tmp_path):
+    fake = tmp_path / "notes.scn"
+    fake.write_text("not a slide\n")
+    with pytest.raises(SlideError, match=r"notes\.scn is not a TIFF"):
+        open_slide(fake)

@@ -168,3 +168,117 @@ def test_screen_dpi_is_not_taken_as_mpp(tmp_path, sample_svs):
     with s:
         assert s.format == "tiff" and s.mpp is None and not s.mpp_known
         np.testing.assert_array_equal(s.read_region((10, 20), (100, 50)), crop[20:70, 10:110])
+
+
+# -- vendor formats without a real file in shared data: minimal files in the vendors' layouts ---
+# There is no NDPI or SCN slide in ../shared/data. These writers make the smallest files that
+# carry what tifffile and tiffslide detect the formats by (NDPI: tags 65420 + Make and 64-bit IFD
+# offsets; SCN: the Leica XML in ImageDescription). Real files differ in ways not covered here
+# (NDPI: one huge JPEG per level read through McuStarts; SCN: several regions, Z stacks).
+
+def _gradient(h: int = 512, w: int = 768) -> np.ndarray:
+    yy, xx = np.meshgrid(np.linspace(0, 255, h), np.linspace(0, 255, w), indexing="ij")
+    return np.dstack([xx, yy, np.full_like(xx, 128)]).astype(np.uint8)
+
+
+def write_ndpi(path, image: np.ndarray, mpp: float = 0.4, lens: float = 20.0) -> None:
+    """A 2-level Hamamatsu NDPI: tiled JPEG pages with NDPI tags, resolution in pixels/cm, and the
+    NDPI layout (8-byte first-IFD offset, every IFD followed by an 8-byte next offset and the
+    4-byte high halves of its entries)."""
+    import struct
+
+    import tifffile
+
+    classic = path.with_suffix(".classic.tif")
+    with tifffile.TiffWriter(classic) as tw:
+        for i in range(2):
+            tags = [(271, "s", 0, "Hamamatsu", True), (65420, "I", 1, 1, True),
+                    (65421, "f", 1, lens / 2**i, True)]
+            tw.write(image[:: 2**i, :: 2**i], tile=(256, 256), photometric="rgb", compression="jpeg",
+                     resolution=(1e4 / mpp / 2**i,) * 2, resolutionunit="CENTIMETER",
+                     extratags=tags, metadata=None)
+    with tifffile.TiffFile(classic) as tf:
+        offsets = [p.offset for p in tf.pages]
+    data = bytearray(classic.read_bytes())
+    classic.unlink()
+    ifds = [bytes(data[o : o + 2 + 12 * struct.unpack_from("<H", data, o)[0]]) for o in offsets]
+    starts, pos = [], len(data) + (-len(data)) % 8
+    for ifd in ifds:
+        starts.append(pos)
+        pos += len(ifd) + 8 + 4 * struct.unpack_from("<H", ifd)[0]
+    data += bytes(pos - len(data))
+    for i, (ifd, start) in enumerate(zip(ifds, starts)):
+        data[start : start + len(ifd)] = ifd
+        struct.pack_into("<Q", data, start + len(ifd), starts[i + 1] if i + 1 < len(starts) else 0)
+    struct.pack_into("<Q", data, 4, starts[0])
+    path.write_bytes(bytes(data))
+
+
+def write_scn(path, image: np.ndarray, mpp: float = 0.5, offset_um=(50.0, 25.0),
+              canvas_um=(600.0, 400.0)) -> None:
+    """A Leica SCN: a 2-level main region at `offset_um` (x, y) on a `canvas_um` collection plus a
+    macro image of the whole collection; sizes in nm, as Leica writes them."""
+    import tifffile
+
+    nm = lambda um: int(round(um * 1000))  # noqa: E731
+    h, w = image.shape[:2]
+    macro = np.full((40, 60, 3), 200, np.uint8)
+
+    def entry(name, sizes, ifds, view, offset, objective):
+        dims = "".join(f'<dimension sizeX="{x}" sizeY="{y}" r="{r}" ifd="{i}"/>'
+                       for r, ((y, x), i) in enumerate(zip(sizes, ifds)))
+        return (f'<image name="{name}"><creationDate>2026-01-01T00:00:00Z</creationDate>'
+                f'<device model="Leica SCN400" version="1.5"/>'
+                f'<pixels sizeX="{sizes[0][1]}" sizeY="{sizes[0][0]}">{dims}</pixels>'
+                f'<view sizeX="{view[0]}" sizeY="{view[1]}" offsetX="{offset[0]}" offsetY="{offset[1]}"'
+                f' spacingZ="0"/><scanSettings><objectiveSettings><objective>{objective}</objective>'
+                f'</objectiveSettings><illuminationSettings><numericalAperture>0.8</numericalAperture>'
+                f'<illuminationSource>brightfield</illuminationSource></illuminationSettings>'
+                f'</scanSettings></image>')
+
+    cw, ch = nm(canvas_um[0]), nm(canvas_um[1])
+    xml = ('<?xml version="1.0" encoding="utf-8"?>'
+           '<scn xmlns="http://www.leica-microsystems.com/scn/2010/10/01">'
+           f'<collection name="mini" sizeX="{cw}" sizeY="{ch}">'
+           + entry("main", [(h, w), (h // 2, w // 2)], [0, 1], (nm(w * mpp), nm(h * mpp)),
+                   (nm(offset_um[0]), nm(offset_um[1])), 20)
+           + entry("macro", [macro.shape[:2]], [2], (cw, ch), (0, 0), 0.5)
+           + "</collection></scn>")
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(image, tile=(256, 256), photometric="rgb", compression="jpeg", description=xml,
+                 metadata=None)
+        tw.write(image[::2, ::2], tile=(256, 256), photometric="rgb", compression="jpeg", metadata=None)
+        tw.write(macro, photometric="rgb", metadata=None)
+
+
+def test_ndpi_opens_through_tiffslide_with_mpp_and_levels(tmp_path):
+    image = _gradient()
+    write_ndpi(tmp_path / "mini.ndpi", image, mpp=0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unknown pixel size", no tiffslide NDPI chatter
+        slide = open_slide(tmp_path / "mini.ndpi")
+    with slide:
+        assert slide.format == "ndpi" and slide.is_rgb
+        assert slide.mpp == pytest.approx((0.4, 0.4)) and slide.objective_power == 20
+        assert slide.level_dimensions == [(768, 512), (384, 256)]
+        assert slide.levels[0].chunksize == (256, 256, 3)
+        pixels = slide.read_region((100, 50), (300, 200)).astype(int)
+        assert np.abs(pixels - image[50:250, 100:400]).mean() < 2  # JPEG of a smooth gradient
+        assert np.array_equal(np.asarray(slide.levels[1][10:20, 10:20]),
+                              slide._read_level(1, 10, 10, 20, 20))
+
+
+def test_scn_canvas_places_the_region_and_reads_glass_white(tmp_path):
+    image = _gradient()
+    write_scn(tmp_path / "mini.scn", image, mpp=0.5, offset_um=(50.0, 25.0), canvas_um=(600.0, 400.0))
+    with open_slide(tmp_path / "mini.scn") as slide:
+        assert slide.format == "scn" and slide.is_rgb and slide.channel_names == ["R", "G", "B"]
+        assert slide.mpp == pytest.approx((0.5, 0.5)) and slide.objective_power == 20
+        # the canvas is the collection: 600 x 400 um at 0.5 um/px; the region starts at (100, 50) px
+        assert slide.level_dimensions == [(1200, 800), (600, 400)]
+        assert slide.levels[0].chunksize == (256, 256, 3)
+        full = np.asarray(slide.levels[0])
+        assert (full[:50] == 255).all() and (full[:, :100] == 255).all() and (full[:, 100 + 768:] == 255).all()
+        assert np.abs(full[50 : 50 + 512, 100 : 100 + 768].astype(int) - image).mean() < 2
+        np.testing.assert_array_equal(slide.read_region((90, 40), (40, 30)), full[40:70, 90:130])
+        assert np.abs(np.asarray(slide.levels[1][25:281, 50:434]).astype(int) - image[::2, ::2]).mean() < 3

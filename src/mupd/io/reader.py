@@ -10,8 +10,8 @@ from .plain_image import PLAIN_IMAGE_SUFFIXES, open_plain_image
 from .slide import MppLike, Slide, as_mpp_pair
 from .tiff import open_tiff
 
-TIFF_SUFFIXES = {".svs", ".tif", ".tiff", ".qptiff", ".btf", ".tf8", ".tf2"}
-FORMATS = ("svs", "tiff", "ome-tiff", "qptiff", "image", "ome-zarr")
+TIFF_SUFFIXES = {".svs", ".tif", ".tiff", ".qptiff", ".btf", ".tf8", ".tf2", ".ndpi", ".scn"}
+FORMATS = ("svs", "tiff", "ome-tiff", "qptiff", "ndpi", "scn", "image", "ome-zarr")
 
 
 def open_slide(path: str | Path, mpp: MppLike = None) -> Slide:
@@ -31,5 +31,5 @@ def open_slide(path: str | Path, mpp: MppLike = None) -> Slide:
         return open_plain_image(p, mpp)
     raise SlideError(
         f"unsupported slide format {suffix or '(no extension)'!r} for {p}; supported: Aperio .svs, "
-        "pyramidal/OME .tif/.tiff, PerkinElmer .qptiff, .jpg/.png images and OME-Zarr folders"
+        "pyramidal/OME .tif/.tiff, PerkinElmer .qptiff, Hamamatsu .ndpi, Leica .scn, .jpg/.png images and OME-Zarr folders"
     )

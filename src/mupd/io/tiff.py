@@ -1,13 +1,18 @@
-"""TIFF-family slides (Aperio SVS, generic pyramidal TIFF, OME-TIFF, PerkinElmer QPTIFF) via tiffslide.
+"""TIFF-family slides via tiffslide: Aperio SVS, generic pyramidal TIFF, OME-TIFF, PerkinElmer
+QPTIFF, Hamamatsu NDPI and Leica SCN.
 
-tiffslide gives the zarr view of the pyramid (chunks = the file's tiles) and the Aperio/OME
-properties; the OME and QPTIFF XML is parsed here for channel names, colours and pixel size.
+tiffslide gives the zarr view of the pyramid (chunks = the file's tiles) and the Aperio/OME/NDPI/
+Leica properties (mpp: NDPI from its centimetre resolution tags, SCN from the nm sizes in its
+XML); the OME and QPTIFF XML is parsed here for channel names, colours and pixel size. A Leica
+SCN places its scanned regions on the whole-slide canvas (in nm); the canvas is level 0 here, as
+in OpenSlide and QuPath, and the glass between regions reads white.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional
@@ -29,6 +34,10 @@ def tiff_kind(tf: tifffile.TiffFile, path: Path) -> str:
     """Our format name for an open TIFF ('svs', 'ome-tiff', 'qptiff', 'tiff')."""
     if tf.is_svs:
         return "svs"
+    if tf.is_ndpi:
+        return "ndpi"
+    if tf.is_scn:
+        return "scn"
     if tf.is_qpi or path.suffix.lower() == ".qptiff":
         return "qptiff"
     if tf.is_ome:
@@ -72,16 +81,26 @@ def _check_tiff_header(path: Path) -> None:
 
 def _build(ts, path: Path, user_mpp: MppLike) -> Slide:
     tf: tifffile.TiffFile = ts.ts_tifffile
-    props = ts.properties
-    if props.get("tiffslide.series-composition"):
-        raise SlideError(f"{path} stores its image as several tiled series (a composed slide); not supported")
+    with warnings.catch_warnings():  # NDPI: tiffslide parses mpp and lens, all we read
+        warnings.filterwarnings("ignore", "hamamatsu-format metadata parsing only partially")
+        props = ts.properties
     kind = tiff_kind(tf, path)
-    series = tf.series[props.get("tiffslide.series-index", 0) or 0]
-    _check_complete(series, path)
+    composition = props.get("tiffslide.series-composition")
+    located = composition["located_series"] if composition else {props.get("tiffslide.series-index") or 0: None}
+    for index in located:
+        _check_complete(tf.series[index], path)
+    series = tf.series[next(iter(located))]
     axes = props["tiffslide.series-axes"]
+    if composition and axes != "YXS":
+        raise SlideError(f"{path}: a {kind} slide of several {axes} regions is not supported (RGB only)")
     group = ts.zarr_group
     levels, readers = [], []
     for i in range(ts.level_count):
+        if composition:
+            read = _composed_reader(ts, i, located, series.dtype)
+            levels.append(_lazy_level(read, composition["level_shapes"][i], group[f"{next(iter(located))}/{i}"]))
+            readers.append(read)
+            continue
         arr = group[str(i)]
         levels.append(_as_yxc(da.from_zarr(arr, chunks=arr.chunks), axes))
         readers.append(_reader(ts, i, axes))
@@ -158,6 +177,38 @@ def _reader(ts, level: int, axes: str):
         return arr[y0:y1, x0:x1][..., None]
 
     return read
+
+
+def _composed_reader(ts, level: int, located: dict, dtype: np.dtype):
+    """Reads level pixels of a canvas made of regions at (y, x) offsets; outside them white
+    (uint8 brightfield glass) or 0."""
+    fill = 255 if dtype == np.uint8 else 0
+
+    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        out = np.full((y1 - y0, x1 - x0, 3), fill, dtype=dtype)
+        for index, offsets in located.items():
+            arr = ts.zarr_group[f"{index}/{level}"]
+            oy, ox = int(offsets[level][0]), int(offsets[level][1])
+            ya, yb = max(y0, oy), min(y1, oy + arr.shape[0])
+            xa, xb = max(x0, ox), min(x1, ox + arr.shape[1])
+            if ya < yb and xa < xb:
+                out[ya - y0 : yb - y0, xa - x0 : xb - x0] = arr[ya - oy : yb - oy, xa - ox : xb - ox, :3]
+        return out
+
+    return read
+
+
+def _lazy_level(read, shape: tuple[int, ...], like) -> da.Array:
+    """A dask (Y, X, 3) level of `shape` read block by block, chunked like the region array `like`."""
+    def grid(n: int, c: int) -> tuple[int, ...]:
+        return tuple(min(c, n - i) for i in range(0, n, c))
+
+    def block(block_info=None):
+        (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+        return read(y0, y1, x0, x1)
+
+    chunks = (grid(shape[0], like.chunks[0]), grid(shape[1], like.chunks[1]), (3,))
+    return da.map_blocks(block, chunks=chunks, dtype=like.dtype, meta=np.empty((0, 0, 0), like.dtype))
 
 
 #: Inch-based resolution tags coarser than this (um/px) are screen/print DPI defaults, not a calibration.
