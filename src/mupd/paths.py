@@ -18,3 +18,10 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("MUPD_CACHE", platformdirs.user_cache_dir("napari-mupd")))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def config_dir() -> Path:
+    """Per-user settings (panel values, remembered between napari sessions); override with MUPD_CONFIG."""
+    path = Path(os.environ.get("MUPD_CONFIG", platformdirs.user_config_dir("napari-mupd")))
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -25,6 +25,7 @@ class EngineInfo:
     mpp: float
     model_card: str = ""
     remote: bool = False
+    rna_genes: list[str] = field(default_factory=list)  # the model's gene panel, in order
 
 
 @dataclass

@@ -104,6 +104,7 @@ class LocalEngine:
             tile_size=int(p.tile_size),
             mpp=float(p.mpp),
             model_card=card.read_text() if card.exists() else "",
+            rna_genes=list(p.rna_tokenizer.genes),
         )
 
     def list_models(self) -> Sequence[str]:

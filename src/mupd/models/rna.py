@@ -28,11 +28,29 @@ class MissingGenesWarning(UserWarning):
     """Some panel genes are absent from a profile (they are masked)."""
 
 
+def _read_h5ad(path: Path) -> dict[str, float]:
+    """One spot as is; several spots summed into one pseudo-bulk profile (raw counts add up)."""
+    import anndata
+
+    try:
+        adata = anndata.read_h5ad(path)
+    except Exception as exc:  # any reader failure is a bad file to the user
+        raise ConditionError(f"cannot read RNA profile {path}: {exc}") from None
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ConditionError(f"RNA profile {path} holds no spots or no genes "
+                             f"({adata.n_obs} x {adata.n_vars})")
+    x = adata.X.sum(axis=0) if adata.n_obs > 1 else adata.X
+    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=float).ravel()
+    return dict(zip(map(str, adata.var_names), x.tolist()))
+
+
 def _read_table(path: Path) -> dict[str, float]:
     import pandas as pd
 
     if not path.is_file():
         raise ConditionError(f"RNA profile file {path} does not exist")
+    if path.suffix.lower() == ".h5ad":
+        return _read_h5ad(path)
     try:
         table = pd.read_csv(path, sep=None, engine="python")
     except Exception as exc:  # any parser failure is a bad file to the user
@@ -45,7 +63,7 @@ def _read_table(path: Path) -> dict[str, float]:
 
 
 def read_profile(profile: Any) -> dict[str, float]:
-    """A gene -> value dict from a dict, a CSV/TSV path, a pandas Series, or a one-row AnnData."""
+    """A gene -> value dict from a dict, a CSV/TSV or .h5ad path, a pandas Series, or a one-row AnnData."""
     if isinstance(profile, (str, Path)):
         return _read_table(Path(profile))
     if isinstance(profile, Mapping):

@@ -1,0 +1,105 @@
+"""Where the user's region is, in the slide's level-0 pixels (what the engine takes).
+
+Shapes are drawn in world coordinates (micrometres over a calibrated slide); each vertex goes
+through the shapes layer's data->world and the slide layer's world->data transforms, so any
+scale or translate on either layer is honoured.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from mupd.errors import RegionError
+
+Polygon = list[tuple[float, float]]  # (x, y) level-0 pixels
+
+
+def is_slide_layer(layer: Any) -> bool:
+    """An image layer opened from a slide file by this plugin's reader."""
+    return getattr(layer, "_type_string", "") == "image" and "slide_path" in getattr(layer, "metadata", {})
+
+
+def slide_size(layer: Any) -> tuple[int, int]:
+    """(width, height) of level 0."""
+    h, w = layer.metadata["level_dimensions"][0][1], layer.metadata["level_dimensions"][0][0]
+    return int(w), int(h)
+
+
+def slide_mpp(layer: Any) -> Optional[float]:
+    mpp = layer.metadata.get("mpp")
+    return float(mpp[0]) if mpp else None
+
+
+def _to_level0(points_world: np.ndarray, slide_layer: Any) -> Polygon:
+    out = []
+    for p in points_world:
+        row, col = slide_layer.world_to_data(p)[-2:]
+        # um -> px round trips leave float noise (499.9999...) that would widen the box by a pixel
+        out.append((round(float(col), 3), round(float(row), 3)))
+    return out
+
+
+def selected_polygons(shapes_layer: Any, slide_layer: Any) -> list[Polygon]:
+    """The selected shapes as level-0 polygons (ellipses come as napari's polygon outline)."""
+    if shapes_layer is None or not len(shapes_layer.data):
+        raise RegionError("no region: draw a rectangle or polygon in a Shapes layer, select it, "
+                          "or choose 'field of view'")
+    chosen = sorted(shapes_layer.selected_data)
+    if not chosen:
+        raise RegionError(f"no shape is selected in layer {shapes_layer.name!r}: select one or "
+                          "more shapes (or choose 'field of view')")
+    polygons = []
+    for i in chosen:
+        vertices = np.asarray(shapes_layer.data[i], dtype=float)
+        if shapes_layer.shape_type[i] == "ellipse":
+            vertices = _ellipse_outline(vertices)
+        world = np.array([shapes_layer.data_to_world(v) for v in vertices])
+        polygons.append(_to_level0(world, slide_layer))
+    return polygons
+
+
+def _ellipse_outline(corners: np.ndarray, n: int = 64) -> np.ndarray:
+    """napari stores an ellipse as its 4 bounding-box corners; trace it as a polygon."""
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    centre, radius = (lo + hi) / 2, (hi - lo) / 2
+    angle = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    ring = np.zeros((n, corners.shape[1]))
+    ring[:] = centre
+    ring[:, -2] = centre[-2] + radius[-2] * np.sin(angle)
+    ring[:, -1] = centre[-1] + radius[-1] * np.cos(angle)
+    return ring
+
+
+def view_polygon(viewer: Any, slide_layer: Any) -> Polygon:
+    """The part of the slide inside the current field of view, as a level-0 rectangle."""
+    cy, cx = viewer.camera.center[-2:]
+    h_px, w_px = viewer.canvas.size[-2:]
+    half_h, half_w = h_px / 2 / viewer.camera.zoom, w_px / 2 / viewer.camera.zoom
+    corners = np.array([[cy - half_h, cx - half_w], [cy + half_h, cx + half_w]])
+    (x0, y0), (x1, y1) = _to_level0(corners, slide_layer)
+    w, h = slide_size(slide_layer)
+    x0, x1 = max(0.0, min(x0, x1)), min(float(w), max(x0, x1))
+    y0, y1 = max(0.0, min(y0, y1)), min(float(h), max(y0, y1))
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        raise RegionError(f"the field of view does not show any of {slide_layer.name!r}: "
+                          "pan to the slide or draw a region")
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+def check_inside(polygon: Polygon, slide_layer: Any) -> None:
+    """Refuse a region that leaves the slide, naming the slide and the overhang."""
+    w, h = slide_size(slide_layer)
+    xs, ys = [p[0] for p in polygon], [p[1] for p in polygon]
+    if min(xs) < -0.5 or min(ys) < -0.5 or max(xs) > w + 0.5 or max(ys) > h + 0.5:
+        raise RegionError(
+            f"region x {min(xs):.0f}..{max(xs):.0f}, y {min(ys):.0f}..{max(ys):.0f} px lies outside "
+            f"{slide_layer.name!r} (0..{w} x 0..{h} level-0 px): draw it on the slide")
+
+
+def area_mm2(polygon: Polygon, mpp: float) -> float:
+    """Shoelace area of a level-0 polygon in square millimetres."""
+    x, y = np.array(polygon).T
+    pixels = 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+    return pixels * mpp * mpp / 1e6

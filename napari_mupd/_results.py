@@ -1,0 +1,65 @@
+"""Engine results as napari layers, placed in micrometres over (or beside) the source slide."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from mupd.engine.api import StainLayer
+
+LayerData = tuple[Any, dict, str]
+RESULT_KEY = "mupd_result"  # metadata flag of layers this plugin made
+IHC_OPACITY = 0.7
+SIDE_GAP = 0.05  # side-by-side: gap between the slide region and the result, fraction of its width
+
+
+def stain_layer_data(layers: Sequence[StainLayer], region: str) -> list[LayerData]:
+    """IHC/H&E results as RGB at partial opacity; markers additive with their named colormaps."""
+    out = []
+    for layer in layers:
+        data = np.asarray(layer.data)
+        width_um = data.shape[1] * layer.scale_um[1]
+        meta = {**layer.metadata, RESULT_KEY: True, "region": region,
+                "mupd_translate_um": list(layer.translate_um),
+                "mupd_side_offset_um": width_um * (1 + SIDE_GAP)}
+        kwargs: dict[str, Any] = {
+            "name": f"{layer.name} [{region}]", "scale": layer.scale_um,
+            "translate": layer.translate_um, "units": ("um", "um"), "metadata": meta,
+        }
+        if layer.kind == "rgb":
+            kwargs.update(rgb=True, opacity=IHC_OPACITY, blending="translucent")
+        else:
+            kwargs.update(colormap=layer.colormap, blending="additive", contrast_limits=(0.0, 1.0))
+        out.append((data, kwargs, "image"))
+    return out
+
+
+def result_layers(viewer: Any) -> list[Any]:
+    return [layer for layer in viewer.layers if layer.metadata.get(RESULT_KEY)]
+
+
+def arrange(layers: Iterable[Any], side_by_side: bool) -> None:
+    """Overlay: results exactly over their region. Side by side: shifted right by one region width."""
+    for layer in layers:
+        y, x = layer.metadata["mupd_translate_um"]
+        shift = layer.metadata["mupd_side_offset_um"] if side_by_side else 0.0
+        layer.translate = (y, x + shift)
+
+
+def set_rgb_opacity(layers: Iterable[Any], opacity: float) -> None:
+    for layer in layers:
+        if layer.rgb:
+            layer.opacity = opacity
+
+
+def mosaic(images: np.ndarray, columns: Optional[int] = None, gap: int = 4) -> np.ndarray:
+    """(N, H, W, 3) tiles -> one grid image with white gaps, row-major."""
+    n, h, w = images.shape[:3]
+    cols = columns or int(np.ceil(np.sqrt(n)))
+    rows = -(-n // cols)
+    grid = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, np.uint8)
+    for i, tile in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = tile
+    return grid
