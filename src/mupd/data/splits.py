@@ -39,3 +39,9 @@ def patient_split(manifest: pd.DataFrame, test_patients: Sequence[str] = (),
         "val": np.flatnonzero(np.isin(patients, sorted(val))),
         "test": np.flatnonzero(np.isin(patients, list(map(str, test_patients)))),
     }
+
+
+def her2st_split(manifest: pd.DataFrame, val_fraction: float = 0.0, seed: int = 0) -> dict[str, np.ndarray]:
+    """The HER2ST default: A and B (those present) are test; C (and RNA-only D..H) train / val."""
+    present = set(manifest["patient"].astype(str))
+    return patient_split(manifest, [p for p in HER2ST_HELDOUT if p in present], val_fraction, seed)
