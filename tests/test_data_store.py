@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mupd.data.splits import patient_split
+from mupd.data.splits import her2st_split, patient_split
 from mupd.data.store import PatchStore, write_patch_store
 from mupd.errors import DataError, OutputExistsError
 
@@ -60,23 +60,60 @@ def test_patient_split_never_shares_a_patient(seed):
     assert sum(len(v) for v in split.values()) == len(manifest)
 
 
+def test_her2st_split_holds_out_a_and_b():
+    manifest = _manifest(list("CCBDDA"))
+    split = her2st_split(manifest)
+    assert list(split["test"]) == [2, 5] and list(split["train"]) == [0, 1, 3, 4]
+    assert list(her2st_split(_manifest(list("CD")))["test"]) == []
+
+
 def test_split_names_unknown_patients():
     with pytest.raises(DataError, match="not in the manifest"):
         patient_split(_manifest(list("AB")), test_patients=["Z"])
 
 
+def test_store_shards_append_and_records(tmp_path, monkeypatch):
+    """Records spread over several shards read back as one array; appends add whole shards."""
+    import mupd.data.store as store_module
+
+    monkeypatch.setattr(store_module, "SHARD_RECORDS", 2)
+    rng = np.random.default_rng(1)
+    tiles = rng.integers(0, 255, (5, 8, 8, 3), dtype=np.uint8)
+    maps = rng.random((5, 2, 8, 8)).astype(np.float32)
+    valid = rng.random((5, 2, 8, 8)) > 0.5
+    path = write_patch_store(tmp_path / "s", tiles[:3], _manifest(list("AAB")), markers=maps[:3],
+                             marker_names=["HER2", "ER"], marker_valid=valid[:3])
+    store_module.append_patch_store(path, tiles[3:], _manifest(list("CC")), markers=maps[3:],
+                                    marker_valid=valid[3:])
+    store = PatchStore(path)
+    assert len(store) == 5 and len(store.info["shards"]) == 3  # 2 + 1, then 2
+    np.testing.assert_array_equal(store.tiles[[4, 0, 2]], tiles[[4, 0, 2]])
+    np.testing.assert_array_equal(store.tiles[-1], tiles[-1])
+    np.testing.assert_allclose(store.markers["ER"][1:4], maps[1:4, 1], atol=1e-3)
+    np.testing.assert_array_equal(store.marker_valid["HER2"][:], valid[:, 0])
+    records = store.records(store.rows_of(["C"]))
+    assert records["markers"].shape == (2, 2, 8, 8) and list(records["manifest"].patient) == ["C", "C"]
+    with pytest.raises(DataError, match="marker maps must be"):
+        store_module.append_patch_store(path, tiles[:1], _manifest(["D"]))
+
+
 def test_her2st_store_from_real_spots(shared_data, tmp_path):
-    from mupd.data.her2st import build_her2st_store
+    from mupd.data.build import build_her2st_store
 
     path, ref = build_her2st_store(shared_data, tmp_path / "c2", ["C2"], max_spots=24)
     store = PatchStore(path)
     assert 12 <= len(store) <= 24  # most spot tiles lie on tissue
     assert set(store.manifest.patient) == {"C"} and len(store.genes) == 785
+    assert {"slide", "x", "y", "mpp", "slide_mpp"} <= set(store.manifest.columns)
+    assert (store.manifest.slide == "C2").all() and np.allclose(store.manifest.slide_mpp, 0.686, atol=0.01)
     assert set(store.markers) >= {"HER2", "ER", "Ki67", "CD45"}
     her2 = store.markers["HER2"][:].astype(np.float32)
     assert her2.min() >= 0 and her2.max() <= 1 and her2.std() > 0  # real variation across spots
+    assert store.marker_valid["HER2"][:].any(axis=(1, 2)).all()  # every centre spot measured it
     assert all(c.startswith("H&E, breast") for c in store.captions)
+    assert store.attrs["captions"].startswith("derived")
     # A held-out store is scaled with the training reference, never refitted on itself.
     path_b, ref_b = build_her2st_store(shared_data, tmp_path / "b4", ["B4"], reference=ref,
                                        max_spots=12)
     assert ref_b is ref and set(PatchStore(path_b).manifest.patient) == {"B"}
+    assert PatchStore(path_b).marker_scales == PatchStore(path).marker_scales

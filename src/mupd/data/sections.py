@@ -10,7 +10,6 @@ this gives ~0.687 um/px for B and C and ~3.17 um/px for the A1 downscale.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from ..errors import DataError
+from .crops import crop_spots
 
 TRAIN_SECTIONS = ("C2", "C3", "C4", "C5", "C6")
 HELDOUT_SECTIONS = ("B4", "A1")
@@ -80,14 +79,10 @@ class SpotSection:
 
     def tiles(self, spot_ids: Sequence[str], tile_size: int, mpp: float) -> np.ndarray:
         """(N, T, T, 3) uint8 tiles centred on spots, resampled from the section's mpp to `mpp`."""
-        image = _load_image(str(self.image_path), self.name == "A1")
-        half = tile_size * mpp / self.mpp / 2
-        out = np.empty((len(spot_ids), tile_size, tile_size, 3), dtype=np.uint8)
-        for i, spot in enumerate(spot_ids):
-            x, y = self.spots.loc[spot, ["image_x", "image_y"]]
-            box = (x - half, y - half, x + half, y + half)
-            out[i] = np.asarray(image.resize((tile_size, tile_size), Image.BILINEAR, box=box))
-        return out
+        centres = self.spots.loc[list(spot_ids), ["image_x", "image_y"]].to_numpy(float)
+        box = masked_box(self.name)
+        return crop_spots(self.image_path, centres, tile_size, self.mpp, mpp,
+                          masked=[box] if box else ())
 
 
 def her2st_root(data_root: Path) -> Path:
@@ -129,18 +124,6 @@ def masked_box(name: str) -> Optional[tuple[int, int, int, int]]:
         tx, ty = _A1_THUMBNAIL
         return (tx, 0, 2000, ty)
     return None
-
-
-@functools.lru_cache(maxsize=1)
-def _load_image(path: str, mask_a1_thumbnail: bool) -> Image.Image:
-    Image.MAX_IMAGE_PIXELS = None  # HER2ST full-resolution JPEGs are ~92 Mpx
-    image = Image.open(path).convert("RGB")
-    if mask_a1_thumbnail:
-        array = np.asarray(image).copy()
-        x0, y0, x1, y1 = masked_box("A1")
-        array[y0:y1, x0:x1] = 0
-        image = Image.fromarray(array)
-    return image
 
 
 def footprint_mask(tile_size: int, mpp: float, diameter_um: float = SPOT_DIAMETER_UM) -> np.ndarray:

@@ -1,0 +1,103 @@
+"""Captions per tile: read from a user's CSV/JSONL, or derived from HER2ST metadata.
+
+Derived captions are not written by a pathologist. They state what is known about a HER2ST
+spot: organ (breast), disease (HER2-positive carcinoma, the cohort's inclusion criterion),
+stain (H&E), the spot's HER2 level (ERBB2) and immune level (mean of the immune markers CD45,
+CD3, CD8, CD68 = PTPRC, CD3E, CD8A, CD68: single immune genes are 0 in most spots, their mean
+is not) as training-spot tertiles of normalised expression (low / intermediate / high), and the pathologist's region label where the
+section has a labels file (A1 B1 C1 D1 E1 F1 G2 H1 J1). Tertile cuts come from training
+patients only and are stored with the data so held-out stores use the same words.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DataError
+
+#: How derived captions are described in a store's attributes (they are not a pathologist's).
+DERIVED_CAPTIONS = ("derived from HER2ST metadata: cohort (breast, HER2-positive), stain, "
+                    "training-tertile HER2 and immune expression levels, region label")
+#: Immune markers averaged into the immune score of a spot.
+IMMUNE_MARKERS = ("CD45", "CD3", "CD8", "CD68")
+_IMMUNE = {"low": "immune-poor", "intermediate": "moderate immune infiltrate", "high": "immune-rich"}
+
+
+def read_captions(path: Path) -> dict[str, str]:
+    """key -> caption from a CSV (columns `file` or `key`, and `caption` or `text`) or a JSONL
+    file (one object per line with the same fields)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            table = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines()
+                                  if line.strip()])
+        else:
+            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read captions from {path}: {exc}") from None
+    key = next((c for c in ("file", "key") if c in table.columns), None)
+    text = next((c for c in ("caption", "text") if c in table.columns), None)
+    if key is None or text is None:
+        raise DataError(f"captions file {path} needs a 'file' (or 'key') and a 'caption' (or "
+                        f"'text') column; it has {list(table.columns)}")
+    duplicated = table[key][table[key].duplicated()].tolist()
+    if duplicated:
+        raise DataError(f"captions file {path} lists {duplicated[:5]} more than once")
+    empty = table[key][table[text].astype(str).str.strip() == ""].tolist()
+    if empty:
+        raise DataError(f"captions file {path} has empty captions for {empty[:5]}")
+    return dict(zip(table[key].astype(str), table[text].astype(str)))
+
+
+def caption_scores(levels: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per spot: `HER2` (its marker level) and `immune` (mean of the measured immune markers)."""
+    levels, names = np.asarray(levels, dtype=float), list(names)
+    immune = levels[:, [names.index(m) for m in IMMUNE_MARKERS]]
+    counted = np.isfinite(immune).sum(axis=1)
+    mean = np.divide(np.nansum(immune, axis=1), counted, out=np.full(len(levels), np.nan),
+                     where=counted > 0)
+    return {"HER2": levels[:, names.index("HER2")], "immune": mean}
+
+
+def fit_caption_cuts(levels: np.ndarray, names: Sequence[str]) -> dict[str, list[float]]:
+    """Tertile cuts (33.3 and 66.7th percentiles) of the caption scores over training spots."""
+    cuts = {}
+    for score, column in caption_scores(levels, names).items():
+        column = column[np.isfinite(column)]
+        if column.size == 0:
+            raise DataError(f"no training spot measured the {score} genes; cannot fit caption cuts")
+        cuts[score] = [float(q) for q in np.percentile(column, [100 / 3, 200 / 3])]
+    return cuts
+
+
+def level_word(value: float, cuts: Sequence[float]) -> Optional[str]:
+    if not np.isfinite(value):
+        return None
+    return "low" if value <= cuts[0] else ("high" if value > cuts[1] else "intermediate")
+
+
+def her2st_caption(her2: Optional[str], immune: Optional[str], label: Optional[str] = None) -> str:
+    """e.g. "H&E, breast, HER2-positive carcinoma, HER2-high, immune-rich, region: invasive cancer"."""
+    parts = ["H&E", "breast", "HER2-positive carcinoma"]
+    if her2:
+        parts.append(f"HER2-{her2}")
+    if immune:
+        parts.append(_IMMUNE[immune])
+    if isinstance(label, str) and label and label != "undetermined":
+        parts.append(f"region: {label}")
+    return ", ".join(parts)
+
+
+def her2st_captions(levels: np.ndarray, names: Sequence[str], cuts: dict[str, Sequence[float]],
+                    labels: Optional[Sequence[Optional[str]]] = None) -> list[str]:
+    """One derived caption per spot from its marker levels (spots, M) and optional region label."""
+    scores = caption_scores(levels, names)
+    her2 = [level_word(v, cuts["HER2"]) for v in scores["HER2"]]
+    immune = [level_word(v, cuts["immune"]) for v in scores["immune"]]
+    labels = list(labels) if labels is not None else [None] * len(her2)
+    return [her2st_caption(h, i, lab) for h, i, lab in zip(her2, immune, labels)]
