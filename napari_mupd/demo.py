@@ -2,10 +2,11 @@
 
     python -m napari_mupd.demo --out demo-out [--interactive]
 
-Without --interactive it waits until the slide is drawn, saves the whole window as
-`<out>/viewer.png`, says what it did and exits 0 (what `make demo` runs headless under Xvfb).
-Each step is one function so later steps (e.g. a virtual stain on a default ROI) slot in between
-`open_sample` and `frame`.
+Opens the slide, draws a default region of interest, runs the bundled model's virtual staining
+on it through the same calls as the Translate panel (HER2 and Ki67 marker maps plus their
+rendered brightfield IHC, one OME-Zarr each in `<out>/virtual-stain/`) and overlays the results.
+Without --interactive it waits until the window is drawn, saves it as `<out>/viewer.png`, says
+what it did and exits 0 (what `make demo` runs headless under Xvfb).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-WINDOW_SIZE = (1400, 900)
+WINDOW_SIZE = (1600, 1000)
+DEMO_STAINS = ["HER2", "Ki67"]
+#: Level-0 box (x, y, w, h) of the CMU-1 sample: a tumour-rich field in the slide's middle.
+DEFAULT_ROI = (700, 1000, 1024, 1024)
 
 
 def open_sample(viewer) -> list:
@@ -34,6 +38,42 @@ def frame(viewer) -> None:
     scale_bar = canvas.overlays.scale_bar if canvas is not None else viewer.scale_bar
     scale_bar.visible = True
     viewer.reset_view()
+
+
+def stain_default_roi(viewer, slide_layer, out_dir: Path) -> list:
+    """Virtual HER2/Ki67 on the default ROI, as the Translate panel does it; returns the new layers."""
+    import dataclasses
+    import shutil
+
+    from napari_mupd._session import session
+    from napari_mupd._translate_panel import TranslatePanel, add_results, translation_requests
+
+    x, y, w, h = DEFAULT_ROI
+    polygon = [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
+    mpp = slide_layer.metadata["mpp"][0]
+    viewer.add_shapes([np.array([[py, px] for px, py in polygon], float) * mpp], shape_type="rectangle",
+                      name="ROI", edge_color="yellow", face_color="transparent", edge_width=4,
+                      units=("um", "um"))
+    out = out_dir / "virtual-stain"
+    if out.exists():  # the demo's own previous output
+        shutil.rmtree(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (request,) = translation_requests(slide_layer, [polygon], DEMO_STAINS, steps=1, seed=0,
+                                      render_brightfield=True)
+    request = dataclasses.replace(request, output_path=str(out))
+    engine = session().engine()  # the bundled model, loaded before the panel asks for it
+    panel = TranslatePanel(viewer)
+    panel.stains.value = DEMO_STAINS
+    viewer.window.add_dock_widget(panel, name="Translate", area="right")
+    start = time.perf_counter()
+    result = engine.translate(request)
+    layers = add_results(viewer, [("ROI 1", result)])
+    for layer in layers:  # one familiar brightfield view on top; the others a click away
+        layer.visible = layer.name.startswith(f"IHC-{DEMO_STAINS[0]}")
+    print(f"virtual {', '.join(DEMO_STAINS)} on ROI x={x} y={y} {w}x{h} px: {result.n_tiles} tiles in "
+          f"{time.perf_counter() - start:.1f} s on {session().current_info.device} "
+          f"({session().current_info.model_name}); wrote {result.output_path}")
+    return layers
 
 
 def is_blank(image: np.ndarray) -> bool:
@@ -83,6 +123,7 @@ def run(out_dir: Path, interactive: bool = False) -> Optional[Path]:
                   f"{layer.level_shapes[0][1]}x{layer.level_shapes[0][0]} px, "
                   f"{len(layer.level_shapes)} level(s), {mpp[0] if mpp else 'unknown'} um/px")
         print("scale bar on, view fitted to the slide")
+        stain_default_roi(viewer, layers[0], out_dir)
         if interactive:
             napari.run()
             return None

@@ -31,7 +31,7 @@ def test_sample_data_is_the_calibrated_cmu_slide() -> None:
 @needs_display
 def test_demo_writes_a_screenshot_of_the_window(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "napari_mupd.demo", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=240, cwd=REPO)
+                          capture_output=True, text=True, timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     png = tmp_path / "viewer.png"
     assert f"wrote {png}" in proc.stdout and "0.499 um/px" in proc.stdout
@@ -44,3 +44,12 @@ def test_demo_writes_a_screenshot_of_the_window(tmp_path: Path) -> None:
     stained = (rgb[..., 0] - rgb[..., 1] > 40) & (rgb[..., 2] - rgb[..., 1] > 20)
     assert stained.mean() > 0.05, stained.mean()
     assert "scale bar on" in proc.stdout
+    # The virtual stain overlay on the default ROI, computed by the bundled model and saved.
+    assert "virtual HER2, Ki67 on ROI" in proc.stdout and "(mupd-tiny)" in proc.stdout
+    from mupd.io import open_slide
+
+    for stain in ("HER2", "Ki67", "IHC-HER2"):
+        with open_slide(tmp_path / "virtual-stain" / f"{stain}.ome.zarr") as written:
+            assert written.mpp_known and written.mpp[0] == pytest.approx(1.0)
+            assert written.level_dimensions[0] == (511, 511), written.level_dimensions  # 1024 px at 0.499
+            assert stain in written.channel_names or written.is_rgb

@@ -1,4 +1,5 @@
-"""The npe2 manifest: valid, found by napari, one file, and a plugin that never imports torch."""
+"""The npe2 manifest: valid, found by napari, one file, and a plugin that never imports torch
+(the panels reach torch only through a local engine, created when a job needs it)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def test_plugin_modules_and_reader_never_import_torch(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "import napari_mupd, napari_mupd._reader, napari_mupd._writer, napari_mupd._sample_data, napari_mupd.demo\n"
+        "import napari_mupd._engine_panel, napari_mupd._translate_panel, napari_mupd._generate_panel\n"
+        "import napari_mupd._finetune_panel\n"
         f"layers = napari_mupd._reader.napari_get_reader({str(png)!r})({str(png)!r})\n"
         "assert layers and layers[0][1]['rgb'], layers\n"
         "print('torch' in sys.modules)\n"
