@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from mupd.errors import ConditionError
 from mupd.io import open_slide
 from mupd.slides import RegionTranslator, TileGrid, _read_tile
 from test_slides_support import TileContextPipeline, cmu_slide_path, model_pipeline
@@ -109,6 +110,15 @@ def test_overlapping_tiles_share_noise_so_model_predictions_agree(cmu):
 
     independent, shared = overlap_r(None), overlap_r([(0, 0), (0, shift)])
     assert abs(independent) < 0.2 < 0.9 < shared, (independent, shared)
+
+
+def test_tile_positions_off_the_latent_grid_are_refused():
+    pipe = model_pipeline()
+    tiles = np.full((1, pipe.tile_size, pipe.tile_size, 3), 200, np.uint8)
+    with pytest.raises(ConditionError, match=r"\(0, 2\) px is not .*latent step 4"):
+        pipe.translate(tiles, ["Ki67"], positions=[(0, 2)])
+    with pytest.raises(ConditionError, match="2 tile positions given for 1 tiles"):
+        pipe.translate(tiles, ["Ki67"], positions=[(0, 0), (0, 4)])
 
 
 @pytest.mark.slow
