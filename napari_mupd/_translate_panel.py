@@ -38,8 +38,9 @@ def translation_requests(slide_layer: Any, polygons: list[Polygon], stains: list
         raise ConditionError("pick at least one target stain or marker")
     for polygon in polygons:
         check_inside(polygon, slide_layer)
+    user_mpp = slide_layer.metadata["mpp"][0] if slide_layer.metadata.get("mpp_source") == "user" else None
     return [TranslateRequest(slide_path=slide_layer.metadata["slide_path"], stains=list(stains),
-                             polygon=polygon, steps=steps, seed=seed,
+                             polygon=polygon, steps=steps, seed=seed, slide_mpp=user_mpp,
                              render_brightfield=render_brightfield) for polygon in polygons]
 
 
@@ -68,6 +69,10 @@ class TranslatePanel(QWidget):
                              tooltip="sampling steps; 1 is the one-step readout (fastest)")
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0)
         self.render = CheckBox(text="also render markers as brightfield IHC (DAB)", value=True)
+        self.user_mpp = FloatSpinBox(label="slide um/px if unknown", min=0.0, max=100.0, value=0.0,
+                                      step=0.01, tooltip="only for files without a pixel size "
+                                      "(e.g. plain JPEGs); 0: use the file's")
+        self.user_mpp.native.setDecimals(4)
         self.limit = FloatSpinBox(label="max region (mm²)", min=0.01, max=10000.0, value=4.0, step=0.5,
                                   tooltip="larger regions are refused with an estimated time")
         self.side_by_side = CheckBox(text="side by side (off: overlay)", value=False)
@@ -76,7 +81,8 @@ class TranslatePanel(QWidget):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         self.form = Container(widgets=[
-            self.source, self.stains, self.region, self.steps, self.seed, self.render, self.limit,
+            self.source, self.stains, self.region, self.steps, self.seed, self.render, self.user_mpp,
+            self.limit,
             self.side_by_side, self.opacity, Container(widgets=[self.run_button, self.cancel_button],
                                                        layout="horizontal", labels=False),
             self.status])
@@ -148,11 +154,8 @@ class TranslatePanel(QWidget):
             slide_layer = self.source.value
             if slide_layer is None:
                 raise RegionError("no slide is open: open a slide (File > Open) with the napari-mupd reader")
-            mpp = slide_mpp(slide_layer)
-            if mpp is None:
-                raise RegionError(f"{slide_layer.name!r} has no pixel size (mpp): the model works at a "
-                                  "fixed um/px, so it cannot place its tiles on this slide")
-            named = self.regions(slide_layer)
+            named = self.regions(slide_layer)  # before any calibration: drawn in the layer's units
+            mpp = slide_mpp(slide_layer) or self._calibrate(slide_layer)
             self._check_size([p for _, p in named], mpp)
             requests = translation_requests(slide_layer, [p for _, p in named], list(self.stains.value),
                                             self.steps.value, self.seed.value, self.render.value)
@@ -182,6 +185,21 @@ class TranslatePanel(QWidget):
                                on_finished=lambda: self._busy(False),
                                on_error=lambda e: setattr(self.status, "value", "failed")).start()
         return self.task
+
+    def _calibrate(self, slide_layer: Any) -> float:
+        """Give an uncalibrated slide the user's pixel size: layer scale and metadata alike."""
+        mpp = float(self.user_mpp.value)
+        if mpp <= 0:
+            raise RegionError(f"{slide_layer.name!r} has no pixel size (mpp) in its file: the model works "
+                              "at a fixed um/px, so enter the slide's 'um/px' in the panel first")
+        slide_layer.metadata = {**slide_layer.metadata, "mpp": (mpp, mpp), "mpp_known": True,
+                                "mpp_source": "user"}
+        for layer in [slide_layer, *(l for l in self.viewer.layers if l._type_string == "shapes"
+                                      and tuple(l.scale[-2:]) == tuple(slide_layer.scale[-2:]))]:
+            layer.scale = (mpp, mpp)  # shapes drawn over the uncalibrated slide move with it
+            layer.units = ("um", "um")
+        show_info(f"{slide_layer.name} calibrated at {mpp:g} um/px (user-given)")
+        return mpp
 
     def cancel(self) -> None:
         if self.task is not None:

@@ -371,3 +371,27 @@ def test_finetune_panel_refuses_existing_output_and_missing_folder(make_napari_v
     panel.output.value = str(taken)
     assert panel.start() is None
     assert "already exists" in errors[-1] and (taken / "weights.safetensors").read_bytes() == b"mine"
+
+
+def test_translate_panel_on_an_uncalibrated_heldout_section(make_napari_viewer, qtbot, shared_data,
+                                                           local_engine, errors, monkeypatch):
+    """HER2ST B4 (held-out patient B) is a plain JPEG without mpp: the user gives it, then stains."""
+    monkeypatch.setattr("napari_mupd._translate_panel.show_info", lambda msg: None)
+    viewer = make_napari_viewer(show=True)
+    slide = open_slide(viewer, shared_data / "st/her2st/images/B4_HE.jpg")
+    assert not slide.metadata["mpp_known"] and tuple(slide.scale) == (1.0, 1.0)
+    x, y, w, h = 4000, 4500, 600, 600
+    rect = np.array([[y, x], [y, x + w], [y + h, x + w], [y + h, x]], float)  # drawn in pixels
+    shapes = viewer.add_shapes([rect], shape_type="rectangle", name="ROI")
+    shapes.selected_data = {0}
+    panel = translate_panel(viewer, ["HER2"])
+    assert panel.run() is None and "enter the slide's 'um/px'" in errors[-1], errors
+    panel.user_mpp.value = 0.69
+    task = panel.run()
+    wait_task(qtbot, task)
+    assert task.error is None, errors
+    assert tuple(slide.scale) == pytest.approx((0.69, 0.69)) and tuple(shapes.scale) == pytest.approx((0.69, 0.69))
+    her2 = next(l for l in viewer.layers if l.name == "HER2 [ROI 1]")
+    top_left = np.asarray(her2.translate) - np.asarray(her2.scale) / 2
+    assert np.allclose(top_left, np.array([y, x]) * 0.69 - 0.69 / 2, atol=0.69)
+    assert her2.data.shape == (round(h * 0.69), round(w * 0.69))
