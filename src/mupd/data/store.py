@@ -1,4 +1,5 @@
-"""Patch store: tiles + marker maps + RNA + captions in zarr shards, with a manifest.
+"""Patch store: tiles + marker maps + paired stain tiles + RNA + captions in zarr shards, with a
+manifest.
 
 Layout of a store folder::
 
@@ -14,7 +15,9 @@ The manifest keeps patient and slide for every record, so splits are made by pat
 pixel is read, and every tile can be traced back to its slide.
 
 RNA uses NaN for genes that were not measured (masked, not zero); `rna_measured` gives the mask.
-Marker maps come with `marker_valid`: True where a spot measured the marker.
+Marker maps come with `marker_valid`: True where a spot measured the marker. Paired stain tiles
+(`targets`, e.g. IHC from BCI / MIST folders or a registered serial section) are RGB tiles
+pixel-aligned with the H&E tile of the same record.
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ class PatchStore:
     """Read side: numpy arrays indexed by record (global row), no torch.
 
     `tiles` (N, H, W, 3) uint8; `markers[name]` (N, H, W) float16 and `marker_valid[name]`
-    (N, H, W) bool; `rna` (N, G) float32 with NaN = not measured; `captions` (N) or None;
+    (N, H, W) bool; `targets[stain]` (N, H, W, 3) uint8 paired stain tiles; `rna` (N, G)
+    float32 with NaN = not measured; `captions` (N) or None;
     `manifest` one row per record.
     """
 
@@ -120,6 +124,8 @@ class PatchStore:
         self.marker_valid = {m: RecordArray([g["marker_valid"] for g in groups], i)
                              for i, m in enumerate(names)}
         self.marker_scales: dict[str, float] = dict(self.info.get("marker_scales", {}))
+        self.targets = {t: RecordArray([g["targets"] for g in groups], i)
+                        for i, t in enumerate(self.info.get("targets", []))}
         self.attrs: dict = dict(self.info.get("attrs", {}))
         self.captions: Optional[list[str]] = (
             self.manifest["caption"].fillna("").tolist() if "caption" in self.manifest else None)
@@ -147,6 +153,8 @@ class PatchStore:
         if self.markers:
             out["markers"] = np.stack([self.markers[m][rows] for m in self.markers], axis=1)
             out["marker_valid"] = np.stack([self.marker_valid[m][rows] for m in self.markers], axis=1)
+        if self.targets:
+            out["targets"] = np.stack([self.targets[t][rows] for t in self.targets], axis=1)
         if self.rna is not None:
             out["rna"] = self.rna[rows]
         if self.captions is not None:
@@ -156,7 +164,7 @@ class PatchStore:
 
 def _check_records(tiles: np.ndarray, manifest: pd.DataFrame, markers: Optional[np.ndarray],
                    marker_valid: Optional[np.ndarray], rna: Optional[np.ndarray],
-                   info: dict) -> None:
+                   targets: Optional[np.ndarray], info: dict) -> None:
     if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
         raise DataError(f"tiles must be (N, H, W, 3) uint8, got {tiles.shape} {tiles.dtype}")
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
@@ -172,6 +180,11 @@ def _check_records(tiles: np.ndarray, manifest: pd.DataFrame, markers: Optional[
                         f"got {None if markers is None else markers.shape}")
     if markers is not None and (marker_valid is None or marker_valid.shape != markers.shape):
         raise DataError("marker maps need a marker_valid mask of the same shape")
+    names = info.get("targets", [])
+    if (targets is None) != (not names) or (targets is not None and (
+            targets.shape != (n, len(names), h, w, 3) or targets.dtype != np.uint8)):
+        raise DataError(f"paired stain tiles must be (N, {len(names)}, {h}, {w}, 3) uint8 for "
+                        f"stains {names}, got {None if targets is None else targets.shape}")
     g = len(info["genes"])
     if (rna is None) != (g == 0) or (rna is not None and rna.shape != (n, g)):
         raise DataError(f"rna must be (N tiles, {g} genes) with a gene list, "
@@ -180,7 +193,7 @@ def _check_records(tiles: np.ndarray, manifest: pd.DataFrame, markers: Optional[
 
 def _write_shard(folder: Path, tiles: np.ndarray, manifest: pd.DataFrame,
                  markers: Optional[np.ndarray], marker_valid: Optional[np.ndarray],
-                 rna: Optional[np.ndarray]) -> None:
+                 rna: Optional[np.ndarray], targets: Optional[np.ndarray]) -> None:
     group = zarr.open_group(folder, mode="w")
     n = len(tiles)
 
@@ -191,6 +204,8 @@ def _write_shard(folder: Path, tiles: np.ndarray, manifest: pd.DataFrame,
     if markers is not None:
         put("markers", markers.astype(np.float16), (1, 1, *markers.shape[2:]))
         put("marker_valid", marker_valid.astype(bool), (1, 1, *markers.shape[2:]))
+    if targets is not None:
+        put("targets", targets, (1, 1, *targets.shape[2:]))
     if rna is not None:
         put("rna", rna.astype(np.float32), (1, rna.shape[1]))
     manifest.to_csv(folder / "manifest.csv", index=False)
@@ -202,22 +217,25 @@ def _replace_file(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _stack_markers(markers, names: Sequence[str]) -> Optional[np.ndarray]:
-    if markers is None:
+def _stack(arrays, names: Sequence[str]) -> Optional[np.ndarray]:
+    """(N, K, ...) from a name -> (N, ...) dict in `names` order, or the array as given."""
+    if arrays is None:
         return None
-    if isinstance(markers, Mapping):
-        return np.stack([np.asarray(markers[m]) for m in names], axis=1)
-    return np.asarray(markers)
+    if isinstance(arrays, Mapping):
+        return np.stack([np.asarray(arrays[m]) for m in names], axis=1)
+    return np.asarray(arrays)
 
 
 def append_patch_store(path: str | Path, tiles: np.ndarray, manifest: pd.DataFrame,
                        markers: Optional[np.ndarray | Mapping[str, np.ndarray]] = None,
                        marker_valid: Optional[np.ndarray | Mapping[str, np.ndarray]] = None,
-                       rna: Optional[np.ndarray] = None) -> Path:
+                       rna: Optional[np.ndarray] = None,
+                       targets: Optional[np.ndarray | Mapping[str, np.ndarray]] = None) -> Path:
     """Add records to an existing store, one complete shard at a time.
 
     `markers` are (N, M, H, W) in the store's marker order (or a name -> (N, H, W) dict);
-    `marker_valid` defaults to all True (maps measured everywhere).
+    `marker_valid` defaults to all True (maps measured everywhere); `targets` are paired stain
+    tiles (N, S, H, W, 3) uint8, pixel-aligned with `tiles`, in the store's target order.
     """
     path = Path(path)
     info_path = path / "store.json"
@@ -225,23 +243,24 @@ def append_patch_store(path: str | Path, tiles: np.ndarray, manifest: pd.DataFra
         raise DataError(f"{path} is not a patch store (no store.json); create it first")
     info = json.loads(info_path.read_text())
     tiles = np.asarray(tiles)
-    stack = _stack_markers(markers, info["markers"])
-    valid = _stack_markers(marker_valid, info["markers"])
+    stack = _stack(markers, info["markers"])
+    valid = _stack(marker_valid, info["markers"])
+    targets = _stack(targets, info.get("targets", []))
     if stack is not None and valid is None:
         valid = np.ones(stack.shape, dtype=bool)
     rna = None if rna is None else np.asarray(rna, dtype=np.float32)
     manifest = manifest.reset_index(drop=True)
-    _check_records(tiles, manifest, stack, valid, rna, info)
+    _check_records(tiles, manifest, stack, valid, rna, targets, info)
     (path / "shards").mkdir(exist_ok=True)
     for start in range(0, len(tiles), SHARD_RECORDS):
         part = slice(start, start + SHARD_RECORDS)
         name = f"{len(info['shards']):06d}"
         tmp = path / "shards" / f".{name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(path / "shards" / name, ignore_errors=True)  # renamed, never listed: a crash
         try:
             _write_shard(tmp, tiles[part], manifest.iloc[part],
-                         None if stack is None else stack[part], None if valid is None else valid[part],
-                         None if rna is None else rna[part])
+                         *(None if a is None else a[part] for a in (stack, valid, rna, targets)))
             os.replace(tmp, path / "shards" / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -267,10 +286,13 @@ def write_patch_store(
     attrs: Optional[dict] = None,
     marker_names: Optional[Sequence[str]] = None,
     marker_valid: Optional[np.ndarray | Mapping[str, np.ndarray]] = None,
+    targets: Optional[np.ndarray | Mapping[str, np.ndarray]] = None,
+    target_names: Optional[Sequence[str]] = None,
 ) -> Path:
     """Create a store with its first records (built aside, renamed into place when complete).
 
-    `markers` is a name -> (N, H, W) dict, or (N, M, H, W) with `marker_names`.
+    `markers` is a name -> (N, H, W) dict, or (N, M, H, W) with `marker_names`; `targets`
+    (paired stain tiles) a stain -> (N, H, W, 3) dict, or (N, S, H, W, 3) with `target_names`.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -284,13 +306,15 @@ def write_patch_store(
     info = {"format": FORMAT, "version": 2, "tile_shape": list(tiles.shape[1:3]) if tiles.ndim == 4 else [],
             "genes": [str(g) for g in genes or []], "rna_normalized": bool(rna_normalized),
             "markers": names, "marker_scales": dict(marker_scales or {}), "attrs": dict(attrs or {}),
+            "targets": list(targets) if isinstance(targets, Mapping) else list(target_names or []),
             "shards": []}
     tmp = path.with_name(f".{path.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         _replace_file(tmp / "store.json", json.dumps(info, indent=1))
-        append_patch_store(tmp, tiles, manifest, markers=markers, marker_valid=marker_valid, rna=rna)
+        append_patch_store(tmp, tiles, manifest, markers=markers, marker_valid=marker_valid, rna=rna,
+                           targets=targets)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -303,4 +327,5 @@ def write_patch_store(
 def describe(store: PatchStore) -> str:
     counts = store.manifest.groupby("patient").size().to_dict()
     return json.dumps({"records": len(store), "per_patient": counts, "markers": list(store.markers),
+                       "paired_stains": list(store.targets),
                        "genes": len(store.genes), "shards": len(store.info["shards"])})
