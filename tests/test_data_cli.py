@@ -67,21 +67,39 @@ def test_slide_command_tiles_captions_and_appends(shared_data, tmp_path):
 
 
 def test_pairs_command_reports_a_bci_root(shared_data, tmp_path, capsys):
-    _write_pairs(shared_data, tmp_path / "HE" / "test", tmp_path / "IHC" / "test")
+    _write_pairs(shared_data, tmp_path / "HE" / "test", tmp_path / "IHC" / "test", size=128)
     assert main(["data", "pairs", str(tmp_path), "--split", "test"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("3 pairs") and "lonely" in out and "size mismatch sized" in out
+    assert main(["data", "pairs", str(tmp_path), "--split", "test", "--out", str(tmp_path / "s"),
+                 "--tile", "64"]) == 2  # the pixel size of the images is needed for a store
+    assert main(["data", "pairs", str(tmp_path), "--split", "test", "--out", str(tmp_path / "s"),
+                 "--tile", "64", "--image-mpp", "0.5", "--mpp", "0.5", "--stain", "FHL2"]) == 0
+    store = PatchStore(tmp_path / "s")
+    he = np.asarray(Image.open(tmp_path / "HE" / "test" / "001.png"))
+    ihc = np.asarray(Image.open(tmp_path / "IHC" / "test" / "001.png"))
+    row = store.manifest.index[(store.manifest.slide == "001.png") & (store.manifest.x == 64)
+                               & (store.manifest.y == 0)]
+    assert len(row) == 1 and set(store.manifest.patient) <= {"000", "001", "002"}
+    np.testing.assert_array_equal(store.tiles[int(row[0])], he[:64, 64:128])
+    np.testing.assert_array_equal(store.targets["FHL2"][int(row[0])], ihc[:64, 64:128])
 
 
 def test_register_command_warps_ihc_onto_he(shared_data, tmp_path, capsys):
     folder = shared_data / "he_ihc_serial" / "birl_rat_kidney"
     warped = tmp_path / "warped.png"
     assert main(["data", "register", str(folder / "Rat-Kidney_HE.csv"),
-                 str(folder / "Rat-Kidney_PanCytokeratin.pts"), "--warp",
+                 str(folder / "Rat-Kidney_PanCytokeratin.pts"), "--images",
                  str(folder / "Rat-Kidney_HE.jpg"), str(folder / "Rat-Kidney_PanCytokeratin.jpg"),
-                 str(warped)]) == 0
+                 "--warp", str(warped), "--out", str(tmp_path / "pairs"), "--stain", "PanCK",
+                 "--image-mpp", "10", "--mpp", "10", "--tile", "64", "--patient", "rat1"]) == 0
     numbers = json.loads(capsys.readouterr().out.splitlines()[0])
     assert numbers["landmarks"] == 69 and numbers["residual_after_px"] < numbers["residual_before_px"]
+    store = PatchStore(tmp_path / "pairs")  # H&E tiles with the registered PanCK tiles
+    assert list(store.targets) == ["PanCK"] and len(store) > 20
+    assert (store.manifest.source == "serial-registered").all() and store.attrs["registration"]
+    ihc = store.targets["PanCK"][:]
+    assert ihc.shape == (len(store), 64, 64, 3) and (ihc < 250).mean() > 0.3  # tissue, not fill
 
     def tissue(path, shape=None):
         """The section's silhouette (smoothed grey below the white glass)."""

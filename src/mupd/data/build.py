@@ -7,9 +7,12 @@ scales and caption cuts) is fitted on all spots of the sections being built when
 given; for held-out stores pass the reference of the training store, so nothing of a held-out
 patient ever shapes a scale or a cut.
 
+Pair stores hold H&E tiles with the pixel-aligned tiles of one other stain (`targets`), from
+paired folders or from a serial section registered onto the H&E by landmarks.
+
 Manifest columns: patient, slide, x, y (spot centre or tile corner in level-0 pixels of the
 slide/image), slide_mpp (um per level-0 pixel), mpp (um per tile pixel), tile_size, source,
-plus spot, label (region label where known) and caption.
+plus spot, label (region label where known), pair (the other stain's file) and caption.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import pandas as pd
 from ..errors import DataError
 from ..progress import ProgressCallback, ProgressEvent, no_progress
 from .captions import DERIVED_CAPTIONS, fit_caption_cuts, her2st_captions
+from .crops import load_rgb
 from .markers import fit_marker_scales, marker_genes, tile_marker_maps
+from .pairs import Registration, pair_tiles
 from .spatial import MissingGenesWarning, her2st_spots, normalize_log_cpm, panel_values, spot_tiles
 from .store import append_patch_store, write_patch_store
 from .tiling import read_tiles, tile_grid
@@ -179,3 +184,47 @@ def build_slide_store(slide, out: Path, mpp: float, tile_size: int, patient: str
     return write_patch_store(out, tiles, manifest, overwrite=overwrite,
                              attrs={"tile_mpp": mpp, "captions": "given (captions file)"
                                     if caption is not None else "none"})
+
+
+def build_pair_store(pairs: Sequence[tuple[Path, Path]], out: Path, stain: str, image_mpp: float,
+                     mpp: float, tile_size: int, patient: Optional[str] = None,
+                     registration: Optional[Registration] = None,
+                     max_tiles: Optional[int] = None, overwrite: bool = False) -> Path:
+    """H&E tiles + `stain` tiles of pixel-aligned pairs (or of one serial pair when
+    `registration` maps the H&E frame onto the other section); only H&E tissue tiles are kept.
+
+    `patient` defaults to each H&E file's stem: public pair sets (BCI, MIST) publish no patient
+    ids, so every image is its own patient for splits unless told otherwise."""
+    if registration is not None and len(pairs) != 1:
+        raise DataError(f"a registration belongs to one serial pair, got {len(pairs)} pairs")
+    scale = mpp / image_mpp
+    rows, he_tiles, target_tiles = [], [], []
+    for he_path, target_path in pairs:
+        he, other = np.asarray(load_rgb(str(he_path))), np.asarray(load_rgb(str(target_path)))
+        covered = None
+        if registration is not None:
+            other, covered = registration.warp(other, he.shape[:2])
+        left = None if max_tiles is None else max_tiles - sum(map(len, he_tiles))
+        if left == 0:
+            break
+        xy, a, b = pair_tiles(he, other, tile_size, scale, covered=covered, limit=left)
+        rows.append(pd.DataFrame({
+            "patient": patient or Path(he_path).stem, "slide": Path(he_path).name,
+            "x": xy[:, 0], "y": xy[:, 1], "slide_mpp": float(image_mpp), "mpp": float(mpp),
+            "tile_size": int(tile_size),
+            "source": "serial-registered" if registration is not None else "pair-folder",
+            "pair": Path(target_path).name}))
+        he_tiles.append(a)
+        target_tiles.append(b)
+    tiles = np.concatenate(he_tiles)
+    if not len(tiles):
+        raise DataError(f"no H&E tissue tile of {tile_size} px at {mpp} um/px in "
+                        f"{', '.join(str(p) for p, _ in pairs[:3])}")
+    attrs = {"tile_mpp": mpp, "captions": "none"}
+    if registration is not None:
+        attrs["registration"] = {"kind": registration.kind, "landmarks": registration.n_landmarks,
+                                 "residual_after_px": registration.residual_after,
+                                 "residual_leave_one_out_px": registration.residual_loo}
+    return write_patch_store(out, tiles, pd.concat(rows, ignore_index=True),
+                             targets=np.concatenate(target_tiles)[:, None], target_names=[stain],
+                             overwrite=overwrite, attrs=attrs)

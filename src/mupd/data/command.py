@@ -12,8 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="build training / evaluation patch stores, check pair data")
     kinds = p.add_subparsers(dest="kind", required=True)
 
-    def store_args(q: argparse.ArgumentParser, tile: int = 128, mpp: float = 1.0) -> None:
-        q.add_argument("--out", required=True, help="store folder to create")
+    def store_args(q: argparse.ArgumentParser, tile: int = 128, mpp: float = 1.0,
+                   required: bool = True) -> None:
+        q.add_argument("--out", required=required, help="store folder to create")
         q.add_argument("--tile", type=int, default=tile, help=f"tile size in px (default {tile})")
         q.add_argument("--mpp", type=float, default=mpp, help=f"tile um/px (default {mpp})")
         q.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -52,18 +53,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     store_args(w)
     w.set_defaults(func=run_slide)
 
-    r = kinds.add_parser("pairs", help="report matched / unmatched / size-mismatched pair files")
+    def pair_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--stain", default="IHC", help="name of the paired stain (default IHC)")
+        q.add_argument("--image-mpp", type=float, default=None, help="um/px of the pair images "
+                       "(needed with --out)")
+        q.add_argument("--patient", default=None, help="patient id (default: each H&E file's stem)")
+        q.add_argument("--max-tiles", type=int, default=None, help="stop after this many tiles")
+        store_args(q, required=False)
+
+    r = kinds.add_parser("pairs", help="match pair files by name; with --out, tile them into a store")
     r.add_argument("source", help="H&E folder, or a BCI / MIST root when no target is given")
     r.add_argument("target", nargs="?", default=None, help="IHC folder")
     r.add_argument("--split", default=None, help="train / test sub-folder of a BCI or MIST root")
+    pair_args(r)
     r.set_defaults(func=run_pairs)
 
-    g = kinds.add_parser("register", help="landmark registration of a serial-section pair")
+    g = kinds.add_parser("register", help="landmark registration of a serial-section pair; with "
+                         "--images, warp the IHC section onto the H&E one (--warp, --out)")
     g.add_argument("fixed", help="landmarks of the H&E section (.csv or .pts)")
     g.add_argument("moving", help="landmarks of the IHC section")
     g.add_argument("--kind", default="affine", choices=["affine", "similarity", "tps"])
-    g.add_argument("--warp", nargs=3, default=None, metavar=("FIXED_IMAGE", "MOVING_IMAGE", "OUT"),
-                   help="also write the moving image resampled onto the fixed image's grid")
+    g.add_argument("--images", nargs=2, default=None, metavar=("HE_IMAGE", "IHC_IMAGE"),
+                   help="the two section images the landmarks refer to")
+    g.add_argument("--warp", default=None, help="write the IHC image registered onto the H&E grid")
+    pair_args(g)
     g.set_defaults(func=run_register)
 
 
@@ -140,18 +153,36 @@ def run_slide(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pair_store(args: argparse.Namespace, pairs: list, registration=None) -> None:
+    from ..errors import DataError
+    from .build import build_pair_store
+    from .store import PatchStore, describe
+
+    if args.image_mpp is None:
+        raise DataError("--out needs --image-mpp, the um/px of the pair images")
+    path = build_pair_store(pairs, Path(args.out), args.stain, args.image_mpp, args.mpp, args.tile,
+                            patient=args.patient, registration=registration,
+                            max_tiles=args.max_tiles, overwrite=args.overwrite)
+    print(describe(PatchStore(path)))
+
+
 def run_pairs(args: argparse.Namespace) -> int:
     from .pairs import match_pair_folders, pair_folders
 
     source, target = ((Path(args.source), Path(args.target)) if args.target
                       else pair_folders(Path(args.source), split=args.split))
-    print(match_pair_folders(source, target).summary())
+    report = match_pair_folders(source, target)
+    print(report.summary())
+    if args.out:
+        _pair_store(args, report.pairs)
     return 0
 
 
 def run_register(args: argparse.Namespace) -> int:
     import numpy as np
+    from PIL import Image
 
+    from ..errors import DataError
     from .crops import load_rgb
     from .pairs import read_landmarks, register_landmarks
 
@@ -161,11 +192,13 @@ def run_register(args: argparse.Namespace) -> int:
                       "residual_before_px": round(reg.residual_before, 2),
                       "residual_after_px": round(reg.residual_after, 2),
                       "residual_leave_one_out_px": round(reg.residual_loo, 2)}))
+    if (args.warp or args.out) and not args.images:
+        raise DataError("--warp and --out need --images HE_IMAGE IHC_IMAGE")
     if args.warp:
-        from PIL import Image
-
-        fixed, moving, out = args.warp
-        width, height = load_rgb(fixed).size
-        Image.fromarray(reg.warp(np.asarray(load_rgb(moving)), (height, width))).save(out)
-        print(f"{moving} registered onto {fixed} -> {out}")
+        fixed, moving = args.images
+        warped, _ = reg.warp(np.asarray(load_rgb(moving)), np.asarray(load_rgb(fixed)).shape[:2])
+        Image.fromarray(warped).save(args.warp)
+        print(f"{moving} registered onto {fixed} -> {args.warp}")
+    if args.out:
+        _pair_store(args, [tuple(Path(p) for p in args.images)], registration=reg)
     return 0

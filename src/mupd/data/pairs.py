@@ -21,10 +21,12 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from skimage import transform
 
 from ..errors import DataError
 from .crops import image_size
+from .tissue import is_tissue
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 KINDS = {"affine": transform.AffineTransform, "similarity": transform.SimilarityTransform,
@@ -129,11 +131,14 @@ class Registration:
     residual_after: float
     residual_loo: float
 
-    def warp(self, moving: np.ndarray, output_shape: tuple[int, int]) -> np.ndarray:
-        """The moving image resampled onto the fixed image's pixel grid (uint8, white outside)."""
+    def warp(self, moving: np.ndarray, output_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The moving image resampled onto the fixed image's pixel grid (uint8, white outside),
+        and the mask of fixed pixels the moving image covers."""
         out = transform.warp(moving, self.transform, output_shape=output_shape, order=1,
                              mode="constant", cval=1.0, preserve_range=False)
-        return (out * 255).round().astype(np.uint8)
+        inside = transform.warp(np.ones(moving.shape[:2]), self.transform, output_shape=output_shape,
+                                order=0, mode="constant", cval=0.0) > 0.5
+        return (out * 255).round().astype(np.uint8), inside
 
 
 def _fit(kind: str, src: np.ndarray, dst: np.ndarray):
@@ -163,3 +168,38 @@ def register_landmarks(fixed: pd.DataFrame, moving: pd.DataFrame, kind: str = "a
                         residual_before=float(np.linalg.norm(m - f, axis=1).mean()),
                         residual_after=float(np.linalg.norm(to_fixed(m) - f, axis=1).mean()),
                         residual_loo=float(np.mean(loo)))
+
+
+def pair_tiles(source: np.ndarray, target: np.ndarray, tile_size: int, scale: float = 1.0,
+               covered: Optional[np.ndarray] = None,
+               limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Aligned tiles of a pixel-aligned pair: ((K, 2) x, y of each tile's corner in source px,
+    H&E tiles, target tiles), both resampled by 1 / `scale` (tile px per image px), on a
+    non-overlapping grid, keeping tiles whose H&E passes `is_tissue` and that `covered`
+    (where the target has data, e.g. a registered section) covers entirely."""
+    if source.shape[:2] != target.shape[:2]:
+        raise DataError(f"pair images differ in size: {source.shape[:2]} vs {target.shape[:2]}")
+    if not (np.isfinite(scale) and scale > 0):
+        raise DataError(f"pair resampling scale must be positive, got {scale}")
+    height, width = source.shape[:2]
+    size = (max(round(width / scale), 1), max(round(height / scale), 1))
+    a = np.asarray(Image.fromarray(source).resize(size, Image.BILINEAR))
+    b = np.asarray(Image.fromarray(target).resize(size, Image.BILINEAR))
+    c = None if covered is None else np.asarray(
+        Image.fromarray(covered.astype(np.uint8)).resize(size, Image.NEAREST)).astype(bool)
+    xy, he, other = [], [], []
+    for y in range(0, size[1] - tile_size + 1, tile_size):
+        for x in range(0, size[0] - tile_size + 1, tile_size):
+            window = (slice(y, y + tile_size), slice(x, x + tile_size))
+            if (c is not None and not c[window].all()) or not is_tissue(a[window]):
+                continue
+            xy.append((x * scale, y * scale))
+            he.append(a[window])
+            other.append(b[window])
+            if limit is not None and len(he) >= limit:
+                break
+        if limit is not None and len(he) >= limit:
+            break
+    empty = np.zeros((0, tile_size, tile_size, 3), np.uint8)
+    return (np.asarray(xy, dtype=float).reshape(-1, 2), np.stack(he) if he else empty,
+            np.stack(other) if other else empty)
