@@ -153,14 +153,8 @@ def _captions(folder: Path, table: Path, tile: int, problems: list[str]) -> Fold
 
 def _spots(folder: Path, h5ad: Path, tile: int, rna_tokenizer: Any,
            problems: list[str]) -> FolderData:
-    import anndata
+    from ..data.spatial import read_spatial_h5ad, spot_tiles
 
-    try:
-        adata = anndata.read_h5ad(h5ad)
-    except Exception as exc:
-        raise DataError(f"cannot read {h5ad}: {exc}") from None
-    if "spatial" not in adata.obsm:
-        raise DataError(f"{h5ad} has no obsm['spatial'] (spot pixel coordinates)")
     images = list(_images(folder).values())
     if len(images) != 1:
         raise DataError(f"{folder} must hold exactly one image beside {h5ad.name} "
@@ -168,25 +162,26 @@ def _spots(folder: Path, h5ad: Path, tile: int, rna_tokenizer: Any,
     image = read_image(images[0])
     if image.ndim != 3:
         raise DataError(f"{images[0]} is single-channel; the spot image must be RGB H&E")
-    genes = [str(g) for g in adata.var_names]
-    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-    normalized = not np.allclose(x, np.round(x))  # raw UMI counts are integers
+    # The folder gives no pixel size: tiles are cut at the image's own pixels (mpp 1 = 1 px).
+    table = read_spatial_h5ad(h5ad, images[0], mpp=1.0)
+    genes = [str(g) for g in table.var_names]
+    x = table.X.toarray()
+    normalized = bool(table.uns["mupd"]["normalized"])
     if rna_tokenizer is None:
         raise DataError("the model has no RNA tokenizer; spot data cannot be used")
     _, _, used, _ = rna_tokenizer.align(dict(zip(genes, x.sum(0).tolist())), normalized=True)
     if not used:
         raise DataError(f"none of the {len(genes)} genes in {h5ad} (e.g. {', '.join(genes[:5])}) "
                         f"is in the model's gene panel")
-    half, (h, w) = tile // 2, image.shape[:2]
-    samples, outside = [], 0
-    for i, (cx, cy) in enumerate(np.asarray(adata.obsm["spatial"], dtype=float)[:, :2]):
-        y0, x0 = int(round(cy)) - half, int(round(cx)) - half
-        if y0 < 0 or x0 < 0 or y0 + tile > h or x0 + tile > w:
-            outside += 1
-            continue
-        samples.append(Sample(target=image[y0:y0 + tile, x0:x0 + tile], stain="H&E",
-                              rna=dict(zip(genes, x[i].tolist())), rna_normalized=normalized,
-                              name=f"{h5ad.name}:{adata.obs_names[i]}"))
+    h, w = image.shape[:2]
+    corner = np.round(table.obs[["x_px", "y_px"]].to_numpy(float)) - tile // 2
+    inside = np.flatnonzero((corner >= 0).all(axis=1) & (corner[:, 0] + tile <= w)
+                            & (corner[:, 1] + tile <= h))
+    tiles = spot_tiles(table, tile, 1.0, list(table.obs_names[inside]))
+    samples = [Sample(target=t, stain="H&E", rna=dict(zip(genes, x[i].tolist())),
+                      rna_normalized=normalized, name=f"{h5ad.name}:{table.obs_names[i]}")
+               for i, t in zip(inside, tiles)]
+    outside = table.n_obs - len(inside)
     summary = (f"{len(samples)} spot tiles with RNA ({len(used)} panel genes found"
                + (f"; {outside} spots too close to the image edge skipped)" if outside else ")"))
     return FolderData("spots", samples, {}, summary)
