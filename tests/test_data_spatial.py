@@ -108,3 +108,17 @@ def test_captions_csv_and_jsonl(tmp_path):
     (tmp_path / "cols.csv").write_text("name,words\na,b\n")
     with pytest.raises(DataError, match="needs a 'file'"):
         read_captions(tmp_path / "cols.csv")
+
+
+def test_her2st_a1_spots_carry_region_labels_and_hide_the_pasted_thumbnail(shared_data):
+    from mupd.data.spatial import her2st_spots, spot_tiles
+
+    table = her2st_spots(shared_data, "A1")  # 2000-px downscale, ~3.2 um/px
+    assert table.obs.label.notna().all() and (table.obs.label == "invasive cancer").sum() > 100
+    assert table.uns["mupd"]["mpp"] == pytest.approx(3.17, abs=0.05)
+    x0, y0, x1, y1 = table.uns["mupd"]["masked_boxes"][0]
+    corner = table.obs.iloc[:1].copy()
+    corner[["x_px", "y_px"]] = [(x0 + x1) / 2, (y0 + y1) / 2]  # a tile inside the pasted thumbnail
+    probe = table[:1].copy()
+    probe.obs = corner
+    assert not spot_tiles(probe, 32, 3.2).any()  # masked black, never tissue
