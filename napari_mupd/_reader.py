@@ -58,6 +58,8 @@ def slide_layer_data(slide) -> list[LayerData]:
     if not calibrated:
         _notify_uncalibrated(slide.path)
     common = {"scale": scale, "units": units}
+    if calibrated and slide.origin_um is not None:  # e.g. a saved virtual stain, over its slide
+        common["translate"] = tuple(slide.origin_um)
     meta = slide_metadata(slide)
     multiscale = len(slide.levels) > 1
     stem = _display_name(slide.path)

@@ -54,22 +54,18 @@ def selected_polygons(shapes_layer: Any, slide_layer: Any) -> list[Polygon]:
     for i in chosen:
         vertices = np.asarray(shapes_layer.data[i], dtype=float)
         if shapes_layer.shape_type[i] == "ellipse":
-            vertices = _ellipse_outline(vertices)
+            vertices = ellipse_outline(vertices)
         world = np.array([shapes_layer.data_to_world(v) for v in vertices])
         polygons.append(_to_level0(world, slide_layer))
     return polygons
 
 
-def _ellipse_outline(corners: np.ndarray, n: int = 64) -> np.ndarray:
-    """napari stores an ellipse as its 4 bounding-box corners; trace it as a polygon."""
-    lo, hi = corners.min(axis=0), corners.max(axis=0)
-    centre, radius = (lo + hi) / 2, (hi - lo) / 2
-    angle = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    ring = np.zeros((n, corners.shape[1]))
-    ring[:] = centre
-    ring[:, -2] = centre[-2] + radius[-2] * np.sin(angle)
-    ring[:, -1] = centre[-1] + radius[-1] * np.cos(angle)
-    return ring
+def ellipse_outline(corners: np.ndarray, n_points: int = 64) -> np.ndarray:
+    """napari stores an ellipse as its (possibly rotated) bounding box; trace the ellipse inside."""
+    centre = corners.mean(axis=0)
+    half_u, half_v = (corners[1] - corners[0]) / 2, (corners[3] - corners[0]) / 2
+    t = np.linspace(0, 2 * np.pi, n_points, endpoint=False)[:, None]
+    return centre + np.cos(t) * half_u + np.sin(t) * half_v
 
 
 def view_polygon(viewer: Any, slide_layer: Any) -> Polygon:

@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ._channel_colors import colormap_hex
+from ._regions import ellipse_outline
 
 LayerData = tuple[Any, dict, str]
 
@@ -19,8 +20,14 @@ LayerData = tuple[Any, dict, str]
 def write_ome_zarr(path: str, layer_data: list[LayerData]) -> list[str]:
     """Image layers (one RGB, or same-size single-channel layers as channels) as an OME-Zarr pyramid."""
     from mupd.io import write_ome_zarr as write
+    from mupd.io.omezarr import set_ngff_translation
 
-    return [str(write(path, **_image_args(path, layer_data)))]
+    args = _image_args(path, layer_data)
+    out = write(path, **args)
+    translate = args["metadata"]["translate_um"]
+    if any(translate):  # placed over its slide (e.g. a virtual stain): keep it there on reopening
+        set_ngff_translation(out, translate, float(np.ravel(args["mpp"])[0]))
+    return [str(out)]
 
 
 def write_ome_tiff(path: str, layer_data: list[LayerData]) -> list[str]:
@@ -139,7 +146,7 @@ def shapes_to_regions(data: Sequence[np.ndarray], meta: dict, path: str = "GeoJS
     for i, (verts, kind) in enumerate(zip(data, types)):
         yx = np.asarray(verts, dtype=float)[:, -2:]
         if kind == "ellipse":
-            yx = _ellipse_outline(yx)
+            yx = ellipse_outline(yx)
         elif kind not in ("rectangle", "polygon"):
             raise MuPDError(f"shape {i} of layer {meta.get('name')!r} is a {kind}, not an area; "
                             f"{path} holds area annotations only (polygon, rectangle, ellipse)")
@@ -148,14 +155,6 @@ def shapes_to_regions(data: Sequence[np.ndarray], meta: dict, path: str = "GeoJS
         regions.append(Region([(float(x), float(y)) for y, x in px], name=names[i],
                               classification=classes[i], color=color, shape=kind))
     return regions
-
-
-def _ellipse_outline(corners: np.ndarray, n_points: int = 64) -> np.ndarray:
-    """napari stores an ellipse as its (possibly rotated) bounding box; trace the ellipse inside."""
-    centre = corners.mean(axis=0)
-    half_u, half_v = (corners[1] - corners[0]) / 2, (corners[3] - corners[0]) / 2
-    t = np.linspace(0, 2 * np.pi, n_points, endpoint=False)[:, None]
-    return centre + np.cos(t) * half_u + np.sin(t) * half_v
 
 
 def _column(features: Optional[Any], key: str, n: int) -> list[Optional[str]]:

@@ -136,3 +136,16 @@ def test_lines_and_paths_are_not_annotations(viewer: ViewerModel, tmp_path: Path
     with pytest.raises(MuPDError, match="shape 0 of layer 'scribble' is a path"):
         viewer.layers.save(str(tmp_path / "x.geojson"), plugin="napari-mupd")
     assert not (tmp_path / "x.geojson").exists()
+
+
+def test_a_placed_layer_reopens_where_it_was(viewer: ViewerModel, tmp_path: Path) -> None:
+    """A virtual stain saved from napari keeps its place over the slide (NGFF translation)."""
+    marker = np.linspace(0, 1, 60 * 80, dtype=np.float32).reshape(60, 80)
+    viewer.add_image(marker, name="HER2 [ROI 1]", colormap="magenta", scale=(1.0, 1.0),
+                     translate=(498.75, 399.45), units=("um", "um"))
+    viewer.layers.save(str(tmp_path / "her2.zarr"), plugin="napari-mupd")
+    with open_slide(tmp_path / "her2.zarr") as slide:
+        assert slide.origin_um == pytest.approx((498.75, 399.45))
+    (layer,) = viewer.open(tmp_path / "her2.zarr", plugin="napari-mupd")
+    assert tuple(layer.translate) == pytest.approx((498.75, 399.45))
+    np.testing.assert_allclose(np.asarray(layer.data), marker)

@@ -104,7 +104,39 @@ def open_ome_zarr(path: Path, mpp: MppLike = None) -> Slide:
         names == ["R", "G", "B"] or [str(c).upper() for c in colors] == ["FF0000", "00FF00", "0000FF"])
     file_mpp = _mpp(ms, axes, units)
     return Slide(path, "ome-zarr", levels, readers, names, is_rgb, file_mpp=file_mpp, user_mpp=mpp,
-                 channel_colors=colors, metadata=attrs.get("mupd"))
+                 channel_colors=colors, metadata=attrs.get("mupd"), origin_um=_origin(ms, axes, units))
+
+
+def _origin(ms: dict, axes: list[str], units: dict) -> Optional[tuple[float, float]]:
+    """(y, x) um of level-0 pixel 0's centre from NGFF translations; None when there are none."""
+    iy, ix = axes.index("y"), axes.index("x")
+    fy, fx = _UM.get(units.get("y") or ""), _UM.get(units.get("x") or "")
+    shifts = [t["translation"] for t in ms["datasets"][0].get("coordinateTransformations", [])
+              + ms.get("coordinateTransformations", []) if t.get("type") == "translation"]
+    if not shifts or not fy or not fx:
+        return None
+    return (sum(float(t[iy]) for t in shifts) * fy, sum(float(t[ix]) for t in shifts) * fx)
+
+
+def set_ngff_translation(path: str | Path, translate_um: Sequence[float], mpp: float) -> None:
+    """Place an OME-Zarr pyramid in micrometres (NGFF `translation`), so viewers overlay it on its slide.
+
+    `translate_um` is (y, x) of level-0 pixel 0's centre, as napari's `translate`. Level i pixel 0
+    spans level-0 pixels 0 .. 2**i - 1, so its centre sits (2**i - 1) / 2 pixels after level 0's.
+    """
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = dict(group.attrs)
+    ome = attrs.get("ome", attrs)
+    ms = ome["multiscales"][0]
+    axes = [a["name"] if isinstance(a, dict) else a for a in ms["axes"]]
+    for i, ds in enumerate(ms["datasets"]):
+        shift = (2**i - 1) / 2 * mpp
+        vector = [0.0] * len(axes)
+        vector[axes.index("y")], vector[axes.index("x")] = translate_um[0] + shift, translate_um[1] + shift
+        ds["coordinateTransformations"] = [t for t in ds["coordinateTransformations"]
+                                           if t.get("type") != "translation"] + [
+            {"type": "translation", "translation": vector}]
+    group.attrs.update(attrs)
 
 
 def _to_yxc(axes: list[str]):

@@ -56,6 +56,7 @@ class Slide:
         channel_colors: Optional[Sequence[Optional[str]]] = None,
         metadata: Optional[dict] = None,
         close: Optional[Callable[[], None]] = None,
+        origin_um: Optional[tuple[float, float]] = None,
     ) -> None:
         self.path = Path(path)
         self.format = format
@@ -68,6 +69,8 @@ class Slide:
         self.associated_images = dict(associated_images or {})
         #: Free-form metadata the file carried (e.g. what `write_ome_zarr(metadata=...)` stored).
         self.metadata = dict(metadata or {})
+        #: (y, x) um of level-0 pixel 0's centre when the file places the image (NGFF translation).
+        self.origin_um = origin_um
         self._close = close
         override = as_mpp_pair(user_mpp, str(self.path))
         found = as_mpp_pair(file_mpp, str(self.path))
