@@ -395,3 +395,37 @@ def test_translate_panel_on_an_uncalibrated_heldout_section(make_napari_viewer, 
     top_left = np.asarray(her2.translate) - np.asarray(her2.scale) / 2
     assert np.allclose(top_left, np.array([y, x]) * 0.69 - 0.69 / 2, atol=0.69)
     assert her2.data.shape == (round(h * 0.69), round(w * 0.69))
+
+
+def test_generate_panel_uses_the_selected_region_as_reference(make_napari_viewer, qtbot, slide_path,
+                                                              local_engine, errors, tmp_path):
+    from mupd.io import open_slide as open_file
+    from napari_mupd._generate_panel import GeneratePanel, reference_tile
+
+    viewer = make_napari_viewer(show=True)
+    slide = open_slide(viewer, slide_path)
+    add_box(viewer, slide, 900, 1200, 300, 300)
+    panel = GeneratePanel(viewer)
+    panel.use_reference.value = True
+    panel.samples.value, panel.steps.value = 2, 2
+    info = local_engine.current_info
+    # the reference is one model tile at the model's mpp, centred on the region
+    tile = reference_tile(slide, [(900, 1200), (1200, 1200), (1200, 1500), (900, 1500)], info)
+    assert tile.shape == (info.tile_size, info.tile_size, 3) and tile.dtype == np.uint8
+    side = round(info.tile_size * info.mpp / slide.metadata["mpp"][0])
+    with open_file(slide_path) as s:
+        expected = s.read_region((1050 - side // 2, 1350 - side // 2), (side, side), mpp=info.mpp)[..., :3]
+    assert np.abs(tile.astype(int) - expected[:info.tile_size, :info.tile_size].astype(int)).mean() < 2
+    request = panel.request()
+    assert request.guidance == {"reference": panel.reference_scale.value} and request.text is None
+    task = panel.run()
+    wait_task(qtbot, task)
+    assert task.error is None, errors
+    (grid,) = [l for l in viewer.layers if l.metadata.get("mupd_generated")]
+    # saveable through the plugin's writer, and it reopens at the same place
+    viewer.layers.selection = {grid}
+    out = viewer.layers.save(str(tmp_path / "grid.zarr"), selected=True, plugin="napari-mupd")
+    assert out == [str(tmp_path / "grid.zarr")]
+    (again,) = viewer.open(tmp_path / "grid.zarr", plugin="napari-mupd")
+    np.testing.assert_array_equal(np.asarray(again.data), np.asarray(grid.data))
+    assert tuple(again.translate) == pytest.approx(tuple(grid.translate))
