@@ -251,8 +251,11 @@ def test_engine_panel_reports_bad_model_folder_and_unreachable_server(make_napar
                                                                       tmp_path, local_engine):
     from napari_mupd._engine_panel import REMOTE, EnginePanel
 
-    panel = EnginePanel(make_napari_viewer())
+    viewer = make_napari_viewer()
+    panel = EnginePanel(viewer)
     assert "mupd-tiny" in panel.info.value and "HER2" in panel.info.value
+    panel.finetune_button.changed.emit(True)  # opens the Fine-tune panel
+    assert "Fine-tune (napari-mupd)" in viewer.window.dock_widgets
     not_a_model = tmp_path / "holiday-photos"
     not_a_model.mkdir()
     (not_a_model / "beach.jpg").write_bytes(b"jpeg")
