@@ -12,6 +12,7 @@ three channels; decoding averages the three channels back into one map in [0, 1]
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -20,15 +21,30 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
+from .configs import SD_VAE_CONFIG
 
 CODEC_FILE = "codec.json"
-#: The project's own small VAE (4x down, 4 latent channels), for training one's own codec.
+#: The project's own small VAE (4x down, 4 latent channels, 10.8 M parameters).
 SMALL_VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4,
     "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
     "block_out_channels": [64, 128, 256], "layers_per_block": 1, "norm_num_groups": 32,
     "scaling_factor": 1.0, "shift_factor": 0.0,
 }
+#: VAE configs `mupd train-vae --config` knows: tiny (4x down, 4 ch, 2.7 M parameters, trains
+#: on a CPU), small (above), sd (the SD-style 8x-down VAE of the base/xl model configs, 83.7 M).
+VAE_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": {**SMALL_VAE_CONFIG, "block_out_channels": [32, 64, 128]},
+    "small": SMALL_VAE_CONFIG,
+    "sd": {**SD_VAE_CONFIG, "shift_factor": 0.0},
+}
+
+
+def vae_config(name: str) -> dict[str, Any]:
+    """A copy of the named VAE config (see VAE_CONFIGS)."""
+    if name not in VAE_CONFIGS:
+        raise ModelError(f"unknown VAE config {name!r}; choose one of {', '.join(VAE_CONFIGS)}")
+    return copy.deepcopy(VAE_CONFIGS[name])
 
 
 class PixelCodec(torch.nn.Module):
@@ -139,3 +155,18 @@ def load_codec(folder: Path) -> Codec:
         vae = _load_vae(folder / spec.get("path", "vae"))
         return VAECodec(vae, source=spec.get("source"))
     return build_codec(spec)
+
+
+def codec_fingerprint(codec: Codec) -> str:
+    """A hash of everything that decides a codec's latents (config, scale/shift and every
+    weight), so cached latents are tied to the exact codec that made them."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(codec.config(), sort_keys=True).encode())
+    if isinstance(codec, VAECodec):
+        digest.update(json.dumps(dict(codec.vae.config), sort_keys=True, default=str).encode())
+        digest.update(f"{codec.scale!r} {codec.shift!r}".encode())
+        for name, tensor in sorted(codec.vae.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -18,13 +18,16 @@ from ..errors import DataError
 
 @dataclass
 class Sample:
-    target: np.ndarray  # (H, W, 3) uint8 RGB stain image, or (H, W) float marker map in [0, 1]
+    target: Optional[np.ndarray]  # (H, W, 3) uint8 RGB stain image, or (H, W) float marker map
+    # in [0, 1]; None when `latents` carries it
     stain: str
     source: Optional[np.ndarray] = None  # (H, W, 3) uint8 H&E for translation
     text: Optional[str] = None
     rna: Optional[dict[str, float]] = None  # gene symbol -> value
     rna_normalized: bool = False  # False: raw counts (the tokenizer applies CPM + log1p)
-    name: str = ""  # where it came from, for error messages
+    name: str = ""  # where it came from, for error messages (and the latent cache's image key)
+    latents: Optional[dict[str, np.ndarray]] = None  # cached codec latents (C, h, w) of
+    # "target" and, for translation, "source", in place of the pixels (see train/latents.py)
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -44,20 +47,48 @@ def _stack(images: Sequence[np.ndarray], what: str, names: Sequence[str]) -> tor
     return torch.stack([image_to_tensor(im) for im in images])
 
 
-def collate(samples: Sequence[Sample], rna_tokenizer: Any = None) -> dict[str, Any]:
-    """The pipeline's training batch; samples without a source get a zero one, flagged absent."""
-    names = [s.name for s in samples]
-    batch: dict[str, Any] = {
-        "target": _stack([s.target for s in samples], "target", names),
-        "stain": [s.stain for s in samples],
-    }
+def _images(samples: Sequence[Sample], names: Sequence[str]) -> dict[str, Any]:
+    """Pixels: "target" and, when any sample has one, "source" (zero where absent)."""
+    out: dict[str, Any] = {"target": _stack([s.target for s in samples], "target", names)}
     with_source = [s.source is not None for s in samples]
     if any(with_source):
         blank = next(s.source for s in samples if s.source is not None) * 0
-        batch["source"] = _stack([s.source if s.source is not None else blank for s in samples],
-                                 "source", names)
-        if not all(with_source):  # multi-task batch: the model sees which samples have one
-            batch["source_present"] = torch.tensor(with_source)
+        out["source"] = _stack([s.source if s.source is not None else blank for s in samples],
+                               "source", names)
+    return out
+
+
+def _latents(samples: Sequence[Sample], names: Sequence[str]) -> dict[str, Any]:
+    """Cached latents: "target_latents" and, when any sample has one, "source_latents"."""
+    out: dict[str, Any] = {}
+    for role in ("target", "source"):
+        found = [s.latents.get(role) for s in samples]  # type: ignore[union-attr]
+        if all(z is None for z in found):
+            continue
+        shapes = {z.shape for z in found if z is not None}
+        if len(shapes) > 1:
+            raise DataError(f"{role} latents of different shapes {sorted(shapes)} in one batch "
+                            f"({', '.join(names)})")
+        blank = np.zeros(shapes.pop(), dtype=np.float32)
+        out[f"{role}_latents"] = torch.stack([torch.from_numpy(np.array(
+            z if z is not None else blank, dtype=np.float32)) for z in found])
+    return out
+
+
+def collate(samples: Sequence[Sample], rna_tokenizer: Any = None) -> dict[str, Any]:
+    """The pipeline's training batch: pixels ("target", "source") or, for samples from the latent
+    cache, latents ("target_latents", "source_latents"); samples without a source get a zero one,
+    flagged absent."""
+    names = [s.name for s in samples]
+    cached = [s.latents is not None for s in samples]
+    if any(cached) and not all(cached):
+        raise DataError(f"a batch mixes cached latents and pixels ({', '.join(names)})")
+    batch: dict[str, Any] = _latents(samples, names) if all(cached) else _images(samples, names)
+    batch["stain"] = [s.stain for s in samples]
+    with_source = [s.source is not None or bool(s.latents and "source" in s.latents)
+                   for s in samples]
+    if any(with_source) and not all(with_source):  # multi-task batch: which samples have one
+        batch["source_present"] = torch.tensor(with_source)
     if any(s.text for s in samples):
         batch["text"] = [s.text or None for s in samples]
     if any(s.rna is not None for s in samples):

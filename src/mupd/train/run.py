@@ -1,11 +1,13 @@
 """`train(config)`: a full training run from a config, ending in a complete model folder.
 
-Run folder layout: `config.json` (as resolved), `checkpoints/step-*`, `train_log.csv`, and
+Run folder layout: `config.json` (as resolved), `checkpoints/step-*`, `train_log.csv`,
+`latents/<key>/` (with a VAE codec: the training tiles' latents, see latents.py), and
 `model/` (EMA weights via `save_pretrained`, plus MODEL_CARD.md) once training is done.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -16,7 +18,7 @@ from .batches import Sample
 from .card import write_model_card
 from .checkpoint import CheckpointManager
 from .config import ModelSection, TrainConfig, dump_config
-from .trainer import Trainer, TrainResult
+from .trainer import Trainer, TrainResult, make_accelerator
 
 
 def load_pipeline(model: ModelSection) -> Any:
@@ -44,10 +46,38 @@ def training_samples(config: TrainConfig, pipeline: Any) -> tuple[Sequence[Sampl
     return store_samples(config, pipeline)
 
 
-def _check_output(run_dir: Path, resume: bool, max_steps: int) -> None:
-    """A run folder is only continued with --resume, and only to more steps than it has."""
+def cached_latents(config: TrainConfig, pipeline: Any, samples: Sequence[Sample], accelerator: Any,
+                   progress: Optional[ProgressCallback] = None) -> tuple[Sequence[Sample], str]:
+    """With a VAE codec, the samples read from a latent cache in the run folder (every tile
+    encoded once, by the main process, before training); else the samples as they are.
+    Also returns what the codec does in this run, for the progress stream."""
+    from ..models.codec import VAECodec
+    from .latents import LatentSamples, build_latent_cache
+
+    codec = getattr(pipeline, "codec", None)
+    if not isinstance(codec, VAECodec):
+        return samples, "pixel codec (weight-free space-to-depth): no codec to train"
+    if not getattr(pipeline, "LATENT_BATCHES", False):
+        return samples, ("VAE codec, frozen, encoding every batch (this pipeline's training_loss "
+                         "does not take cached latents)")
+    selection = {**dataclasses.asdict(config.data), "tile_size": int(pipeline.tile_size)}
+    selection.pop("num_workers")
+    codec.to(accelerator.device)
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()  # the main process builds the cache
+    folder = build_latent_cache(samples, codec, Path(config.output) / "latents",
+                                Path(config.data.store), selection, device=accelerator.device,
+                                progress=progress if accelerator.is_main_process else None)
+    if accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+    return LatentSamples(samples, folder), f"VAE codec, frozen; latents cached once in {folder}"
+
+
+def _check_output(run_dir: Path, resume: bool, max_steps: int, product: str = "model") -> None:
+    """A run folder is only continued with --resume, and only to more steps than it has
+    (`product`: the folder a finished run leaves in it)."""
     latest = CheckpointManager(run_dir / "checkpoints").latest()
-    if not resume and (latest is not None or (run_dir / "model").exists()):
+    if not resume and (latest is not None or (run_dir / product).exists()):
         raise OutputExistsError(f"{run_dir} holds an earlier run; pass --resume to continue it "
                                 f"(with more steps to extend it) or choose another output folder")
     if resume and latest is not None and int(latest.name.split("-")[1]) >= max_steps:
@@ -66,13 +96,13 @@ def train(config: TrainConfig, resume: bool = False, progress: Optional[Progress
     _check_output(run_dir, resume, config.optim.max_steps)
     pipeline = pipeline if pipeline is not None else load_pipeline(config.model)
     samples, data_text, split_text = training_samples(config, pipeline)
-    codec = dict(getattr(pipeline, "config", {}).get("codec", {}))
+    accelerator = make_accelerator(config.optim.mixed_precision, config.optim.compile)
+    samples, note = cached_latents(config, pipeline, samples, accelerator, progress)
     if progress is not None:
-        note = ("pixel codec (weight-free space-to-depth): no codec to train" if codec.get("type") == "pixel"
-                else f"codec {codec or 'unknown'} is used frozen as loaded (no train_vae step yet)")
         progress(ProgressEvent("train", 0, config.optim.max_steps, message=note))
     trainer = Trainer(pipeline, samples, config.optim, config.checkpoint, run_dir,
-                      num_workers=config.data.num_workers, log_every=config.log_every)
+                      accelerator=accelerator, num_workers=config.data.num_workers,
+                      log_every=config.log_every)
     if trainer.accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, run_dir / "config.json")

@@ -74,12 +74,18 @@ def make_accelerator(mixed_precision: str = "auto", compile: bool = False) -> An
 
 
 class Trainer:
-    """Trains `pipeline.transformer` (or just `params` of it, e.g. LoRA weights) on `samples`."""
+    """Trains `pipeline.transformer` (its parameters that require grad, e.g. only LoRA weights)
+    on `samples`, with `pipeline.training_loss(batch, model=, generator=)` as the objective.
+
+    `module`: train this module instead of `pipeline.transformer` (e.g. the VAE, whose
+    objective object stands in for the pipeline).
+    """
 
     def __init__(self, pipeline: Any, samples: Sequence[Sample], optim: OptimSection,
                  checkpoint: CheckpointSection, run_dir: Path, *,
                  accelerator: Any = None, num_workers: int = 0, log_every: int = 10,
-                 checkpoint_dir: Optional[Path] = None) -> None:
+                 checkpoint_dir: Optional[Path] = None,
+                 module: Optional[torch.nn.Module] = None) -> None:
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
@@ -91,13 +97,13 @@ class Trainer:
         self.order = BatchOrder(len(samples), optim.batch_size, optim.seed,
                                 acc.num_processes, acc.process_index)
         pipeline.to(acc.device)
-        params = [p for p in pipeline.transformer.parameters() if p.requires_grad]
+        module = module if module is not None else pipeline.transformer
+        params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, betas=tuple(optim.betas),
                                       weight_decay=optim.weight_decay)
         scheduler = get_scheduler("constant_with_warmup", optimizer,
                                   num_warmup_steps=optim.warmup_steps)
-        self.model, self.optimizer, self.scheduler = acc.prepare(
-            pipeline.transformer, optimizer, scheduler)
+        self.model, self.optimizer, self.scheduler = acc.prepare(module, optimizer, scheduler)
         self.params = [p for p in acc.unwrap_model(self.model).parameters() if p.requires_grad]
         self.ema = None
         if optim.ema_decay > 0:

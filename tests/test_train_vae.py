@@ -1,0 +1,203 @@
+"""`mupd train-vae` and the latent cache, on real H&E (two TCGA-style tiles of he_patches/misc_he).
+
+One slide's tiles (patient P1) train the tiny VAE; the other slide's (P2) are held out, excluded
+from training through the manifest, and only used to measure reconstruction.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mupd.cli import main
+from mupd.errors import DataError, ModelError
+from mupd.models.codec import VAECodec, build_codec, load_codec, save_codec, vae_config
+from mupd.train.batches import Sample, collate
+from mupd.train.vae import reconstruction_error
+
+TILE = 32
+IMAGES = {"P1": "tiatoolbox_TCGA-HE-7130-01Z-00-DX1.png", "P2": "tiatoolbox_target_image.png"}
+STEPS = 40
+
+
+def _tiles(path: Path, count: int) -> np.ndarray:
+    from PIL import Image
+
+    image = np.asarray(Image.open(path).convert("RGB"))[300:700, 300:700]
+    found = [image[y:y + TILE, x:x + TILE] for y in range(0, 400 - TILE + 1, TILE)
+             for x in range(0, 400 - TILE + 1, TILE)]
+    return np.stack(found[:count])
+
+
+@pytest.fixture(scope="module")
+def he_store(shared_data, tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A patch store of 96 training tiles (P1) and 32 held-out tiles (P2); returns both sets."""
+    from mupd.data.store import write_patch_store
+
+    folder = shared_data / "he_patches" / "misc_he"
+    train, held = _tiles(folder / IMAGES["P1"], 96), _tiles(folder / IMAGES["P2"], 32)
+    n = len(train) + len(held)
+    manifest = pd.DataFrame({"patient": ["P1"] * len(train) + ["P2"] * len(held),
+                             "slide": ["P1-a"] * len(train) + ["P2-a"] * len(held),
+                             "x": np.arange(n) * TILE, "y": 0, "mpp": 0.5, "tile_size": TILE,
+                             "source": "misc_he"})
+    store = tmp_path_factory.mktemp("vae") / "store"
+    write_patch_store(store, np.concatenate([train, held]), manifest)
+    return store, train, held
+
+
+@pytest.fixture(scope="module")
+def trained(he_store, tmp_path_factory) -> Path:
+    """`mupd train-vae` for STEPS steps on P1 (P2 excluded); returns the run folder."""
+    store, _, _ = he_store
+    run = tmp_path_factory.mktemp("vae-run") / "run"
+    torch.set_num_threads(1)
+    assert main(["train-vae", "--store", str(store), "--out", str(run), "--config", "tiny",
+                 "--steps", str(STEPS), "--batch-size", "8", "--lr", "1e-3", "--ema-decay", "0.9",
+                 "--exclude-patients", "P2", "--checkpoint-every", "20"]) == 0
+    return run
+
+
+def test_training_lowers_held_out_reconstruction_error(he_store, trained):
+    _, train_tiles, held = he_store
+    torch.manual_seed(0)
+    from diffusers import AutoencoderKL
+
+    before = reconstruction_error(VAECodec(AutoencoderKL.from_config(vae_config("tiny"))), held)
+    after = reconstruction_error(build_codec({"type": "vae", "path": str(trained / "vae")}), held)
+    # Beyond the untrained VAE, and beyond painting every tile in the training set's mean colour.
+    mean_colour = float(np.abs(held.astype(float) - train_tiles.reshape(-1, 3).mean(0)).mean())
+    assert after < 0.7 * before and after < mean_colour, (before, after, mean_colour)
+    info = json.loads((trained / "vae_train.json").read_text())
+    assert info["steps"] == STEPS and info["exclude_patients"] == ["P2"]
+    assert info["stores"] == [f"{he_store[0]}: 96 tiles of 128"]
+    assert info["final_loss"] < info["first_loss"] and info["parameters"] == 2_702_087
+    log = pd.read_csv(trained / "train_log.csv")
+    assert log["step"].iloc[-1] == STEPS
+
+
+def test_saved_vae_is_a_diffusers_folder_with_latent_statistics(he_store, trained):
+    folder = trained / "vae"
+    assert {p.name for p in folder.iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors"}
+    assert not list(trained.glob(".tmp-*")) and not list(trained.glob(".old-*"))
+    codec = build_codec({"type": "vae", "path": str(folder)})
+    config = json.loads((folder / "config.json").read_text())
+    assert codec.scale == pytest.approx(config["scaling_factor"]) and codec.scale != 1.0
+    assert codec.shift == pytest.approx(config["shift_factor"]) and codec.shift != 0.0
+    # The factors normalise the training tiles' latents: mean 0, std 1 (all 96 tiles < 512).
+    x = collate([Sample(target=t, stain="H&E") for t in he_store[1]])["target"]
+    z = codec.encode(x)
+    assert abs(float(z.mean())) < 1e-3 and float(z.std()) == pytest.approx(1.0, abs=1e-3)
+    assert codec.downsample == 4 and z.shape[1:] == (4, TILE // 4, TILE // 4)
+
+
+def test_vae_codec_round_trip_and_refusals(he_store, trained, tmp_path):
+    codec = build_codec({"type": "vae", "path": str(trained / "vae")})
+    save_codec(codec, tmp_path / "codec")
+    again = load_codec(tmp_path / "codec")
+    x = collate([Sample(target=t, stain="H&E") for t in he_store[2][:4]])["target"]
+    assert torch.equal(codec.encode(x), again.encode(x))
+    assert (again.scale, again.shift) == (codec.scale, codec.shift)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((trained / "vae" / "config.json").read_text())
+    torch.save(codec.vae.state_dict(), pickled / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelError, match="no .safetensors weights"):
+        build_codec({"type": "vae", "path": str(pickled)})
+    with pytest.raises(ModelError, match="unknown VAE config 'huge'"):
+        vae_config("huge")
+
+
+def test_train_vae_refuses_a_finished_run_and_an_empty_selection(he_store, trained):
+    from mupd.errors import OutputExistsError
+    from mupd.train.vae import train_vae
+
+    with pytest.raises(OutputExistsError, match="pass --resume"):
+        train_vae([str(he_store[0])], trained, "tiny")
+    with pytest.raises(DataError, match="patients"):
+        train_vae([str(he_store[0])], trained.parent / "other", "tiny", patients=["Z"])
+
+
+class LatentStandIn:
+    """Test double of a pipeline that trains on cached latents (LATENT_BATCHES)."""
+
+    LATENT_BATCHES = True
+    rna_tokenizer = None
+    tile_size, mpp = TILE, 0.5
+
+    def __init__(self, codec: VAECodec) -> None:
+        torch.manual_seed(0)
+        self.codec, self.transformer = codec, torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.encoded, self.batches = 0, []
+        encode = codec.encode
+
+        def counting(images: torch.Tensor) -> torch.Tensor:
+            self.encoded += len(images)
+            return encode(images)
+
+        codec.encode = counting
+
+    def to(self, device):
+        self.transformer.to(device)
+        return self
+
+    def training_loss(self, batch, model=None, generator=None):
+        self.batches.append(batch)
+        x0 = batch["target_latents"]
+        noise = torch.randn(x0.shape, generator=generator)
+        return F.mse_loss(model(noise), x0)
+
+    def save_pretrained(self, folder, overwrite=False):
+        Path(folder).mkdir(parents=True, exist_ok=overwrite)
+
+
+def test_latent_cache_is_built_once_and_rebuilt_for_another_vae(he_store, trained, tmp_path):
+    from mupd.train.config import config_from_dict
+    from mupd.train.run import train
+
+    store, train_tiles, _ = he_store
+    codec = build_codec({"type": "vae", "path": str(trained / "vae")})
+    expected = codec.encode(collate([Sample(target=t, stain="H&E") for t in train_tiles[:2]])["target"])
+    pipeline = LatentStandIn(codec)
+
+    def run(steps: int, resume: bool) -> Path:
+        config = config_from_dict({"output": str(tmp_path / "run"),
+                                   "data": {"store": str(store), "conditions": [],
+                                            "exclude_patients": ["P2"]},
+                                   "optim": {"max_steps": steps, "batch_size": 4},
+                                   "checkpoint": {"every": 2}, "log_every": 2})
+        train(config, resume=resume, pipeline=pipeline)
+        (folder,) = (tmp_path / "run" / "latents").iterdir()
+        return folder
+
+    first = run(2, resume=False)
+    assert pipeline.encoded == 96  # every training tile once, none of held-out P2
+    assert all("target" not in b and b["target_latents"].shape == (4, 4, 8, 8)
+               for b in pipeline.batches)
+    cached = np.memmap(first / "latents.f32", dtype=np.float32, mode="r", shape=(96, 4, 8, 8))
+    np.testing.assert_allclose(cached[:2], expected.numpy(), atol=1e-5)
+    assert run(4, resume=True) == first and pipeline.encoded == 96  # reused: no encode
+    with torch.no_grad():
+        codec.vae.decoder.conv_out.bias.add_(0.1)  # the decoder alone: latents are unchanged,
+    second = run(6, resume=True)  # but the VAE is another one, so the cache is rebuilt
+    assert second != first and not first.exists() and pipeline.encoded == 192
+
+
+def test_collate_of_cached_latents_flags_absent_sources_and_refuses_mixing():
+    z = np.arange(16, dtype=np.float32).reshape(1, 4, 2, 2)[0]
+    translate = Sample(target=None, stain="HER2", name="a", latents={"target": z, "source": z + 1})
+    generate = Sample(target=None, stain="H&E", name="b", latents={"target": z * 2})
+    batch = collate([translate, generate])
+    assert "target" not in batch and "source" not in batch
+    assert torch.equal(batch["target_latents"][1], torch.from_numpy(z * 2))
+    assert torch.equal(batch["source_latents"][0], torch.from_numpy(z + 1))
+    assert not batch["source_latents"][1].any() and batch["source_present"].tolist() == [True, False]
+    pixels = Sample(target=np.zeros((8, 8, 3), np.uint8), stain="H&E", name="c")
+    with pytest.raises(DataError, match="mixes cached latents and pixels"):
+        collate([generate, pixels])
