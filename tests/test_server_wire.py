@@ -49,8 +49,17 @@ def test_translate_result_round_trip_keeps_layers_and_placement():
 def test_region_upload_round_trip_and_shape_checks():
     image = immunohistochemistry()[:30, :20]
     body = wire.encode_region_upload(TranslateRequest("a.svs", ["HER2"], box=(1, 2, 3, 4)), image, 1.0)
-    req, back, mpp = wire.decode_region_upload(body)
-    assert np.array_equal(back, image) and mpp == 1.0 and req.stains == ["HER2"]
+    req, back, mpp, frame = wire.decode_region_upload(body)
+    assert np.array_equal(back, image) and mpp == 1.0 and req.stains == ["HER2"] and frame == {}
+    window = {"origin": (5, 7), "level_size": (400, 300), "dimensions": (1600, 1200)}
+    body = wire.encode_region_upload(TranslateRequest("a.svs", ["HER2"], polygon=[(1, 2), (9, 2), (5, 8)]),
+                                     image, (0.25, 0.26), window)
+    req, back, mpp, frame = wire.decode_region_upload(body)
+    assert mpp == (0.25, 0.26) and frame == window and req.polygon == [(1, 2), (9, 2), (5, 8)]
+    for bad in ({"origin": [1.5, 2]}, {"origin": [1, 2, 3]}, {"offset": [0, 0]}, [0, 0]):
+        with pytest.raises(wire.WireError, match="upload_frame"):
+            wire.decode_region_upload(wire.encode_npz(
+                {"slide_path": "a", "stains": [], "upload_mpp": 1.0, "upload_frame": bad}, {"image": image}))
     with pytest.raises(wire.WireError, match="uint8"):
         wire.decode_region_upload(wire.encode_npz({"slide_path": "a", "stains": [], "upload_mpp": 1.0},
                                                   {"image": image.astype(np.float32)}))

@@ -101,32 +101,99 @@ class TileGrid:
 
 
 class ArraySlide:
-    """An RGB region already in memory (an upload to the server, a test image), read like a slide.
+    """RGB pixels already in memory (an upload to the server, a test image), read like a slide.
 
-    It offers what RegionTranslator reads from an opened slide: `path`, `mpp` (x, y),
-    `dimensions` (width, height) and `read_region((x, y), (w, h))`.
+    It offers what RegionTranslator reads from an opened slide: `path`, `mpp` (x, y) of level 0,
+    `dimensions` (level-0 width, height) and `levels`. By default `image` is the whole slide at
+    level 0. An upload is a window of one pyramid level of a bigger slide instead (`from_slide`):
+    `origin` is its top-left level pixel, `level_size` the level's (width, height) and
+    `dimensions` level 0's, so RegionTranslator picks that level and computes the same tile
+    coordinates, hence reads the same pixels, as on the slide file itself.
     """
 
-    def __init__(self, image: np.ndarray, mpp: float, path: str = "<memory>") -> None:
+    def __init__(self, image: np.ndarray, mpp: float | Sequence[float], path: str = "<memory>",
+                 origin: tuple[int, int] = (0, 0), level_size: Optional[tuple[int, int]] = None,
+                 dimensions: Optional[tuple[int, int]] = None) -> None:
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] < 3 or image.dtype != np.uint8:
             raise SlideError(f"{path}: expected an (H, W, 3) uint8 RGB image, got "
                              f"{image.shape} {image.dtype}")
-        self.image, self.path, self.mpp = image[..., :3], path, (float(mpp), float(mpp))
+        mx, my = (mpp, mpp) if np.isscalar(mpp) else mpp
+        self.image, self.path, self.mpp = image[..., :3], path, (float(mx), float(my))
+        self.origin = (int(origin[0]), int(origin[1]))
+        h, w = image.shape[:2]
+        self.level_size = tuple(int(v) for v in (level_size or (self.origin[0] + w, self.origin[1] + h)))
+        self._dimensions = tuple(int(v) for v in (dimensions or self.level_size))
+        (x, y), (lw, lh), (W, H) = self.origin, self.level_size, self._dimensions
+        if min(x, y) < 0 or x + w > lw or y + h > lh or not 0 < lw <= W or not 0 < lh <= H:
+            raise SlideError(f"{path}: a {w}x{h} px window at level pixel ({x}, {y}) does not fit a "
+                             f"{lw}x{lh} px level of a {W}x{H} px slide")
+
+    @classmethod
+    def from_slide(cls, slide: Any, box: tuple[int, int, int, int], out_mpp: float,
+                   tile: int) -> "ArraySlide":
+        """The pixels RegionTranslator reads to translate `box` of `slide` at `out_mpp` with
+        `tile`-pixel tiles: the window of the level `_pick_level` chooses that every tile's read
+        (padding included) falls in, clipped to the slide. Tiles start inside the output and
+        end at most `tile - 1` output pixels past it (TileGrid), which bounds the window."""
+        factor = out_mpp / float(np.mean(slide.mpp))
+        level, dsx, dsy = _pick_level(slide, factor)
+        x0, y0, w, h = box
+        out_w, out_h = max(1, round(w / factor)), max(1, round(h / factor))
+        ends = [max(n, tile) + (tile - 1 if n > tile else 0) for n in (out_w, out_h)]
+        ua, va = _tile_source(x0, y0, tile, factor, dsx, dsy)[3][:2]
+        ub, vb = _tile_source(x0 + (ends[0] - tile) * factor, y0 + (ends[1] - tile) * factor,
+                              tile, factor, dsx, dsy)[3][2:]
+        W, H = slide.dimensions
+        lh, lw = (level.shape[0], level.shape[1]) if level is not None else (H, W)
+        ua, va, ub, vb = max(ua, 0), max(va, 0), min(ub, lw), min(vb, lh)
+        return cls(_read_window(slide, level, ua, va, ub, vb), slide.mpp, path=str(slide.path),
+                   origin=(ua, va), level_size=(lw, lh), dimensions=(W, H))
+
+    def frame(self) -> dict[str, list[int]]:
+        """Where the window sits in its slide, as JSON: the keyword arguments `origin`,
+        `level_size` and `dimensions` that rebuild this ArraySlide from its image and mpp."""
+        return {"origin": list(self.origin), "level_size": list(self.level_size),
+                "dimensions": list(self._dimensions)}
 
     @property
     def dimensions(self) -> tuple[int, int]:
-        return int(self.image.shape[1]), int(self.image.shape[0])
+        return self._dimensions
+
+    @property
+    def levels(self) -> list["_WindowLevel"]:
+        return [_WindowLevel(self)]
 
     def read_region(self, location: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        """Level-0 pixels; only for an image that is a window of level 0."""
+        if self.level_size != self._dimensions:
+            raise SlideError(f"{self.path}: holds a downsampled level, not level-0 pixels")
         (x, y), (w, h) = location, size
-        return self.image[y : y + h, x : x + w]
+        return _WindowLevel(self)[y : y + h, x : x + w]
 
     def __enter__(self) -> "ArraySlide":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+class _WindowLevel:
+    """An ArraySlide's level as `_read_window` indexes it: full-level shape, in-window reads only."""
+
+    def __init__(self, slide: ArraySlide) -> None:
+        self.slide = slide
+        self.shape = (slide.level_size[1], slide.level_size[0], 3)
+
+    def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = index
+        (x, y), (h, w) = self.slide.origin, self.slide.image.shape[:2]
+        y0, y1, x0, x1 = rows.start - y, rows.stop - y, cols.start - x, cols.stop - x
+        if y0 < 0 or x0 < 0 or y1 > h or x1 > w:
+            raise RegionError(f"{self.slide.path}: level pixels x {cols.start}..{cols.stop}, "
+                              f"y {rows.start}..{rows.stop} lie outside the {w}x{h} px window held "
+                              f"at ({x}, {y})")
+        return self.slide.image[y0:y1, x0:x1]
 
 
 def feather_window(tile: int, overlap: int) -> np.ndarray:
@@ -476,8 +543,8 @@ def _background(shape: tuple[int, ...], tile: int) -> np.ndarray:
 def _pick_level(slide: Any, factor: float) -> tuple[Any, float, float]:
     """(level array, x downsample, y downsample) of the coarsest level still finer than `factor`.
 
-    Opened slides (mupd.io.Slide) expose `levels` (lazy (Y, X, C) arrays); anything else that
-    only has `read_region` (ArraySlide, a test double) is read at level 0.
+    Opened slides (mupd.io.Slide) and ArraySlide expose `levels` ((Y, X, C) arrays, lazy for
+    files); anything else that only has `read_region` (a test double) is read at level 0.
     """
     levels = getattr(slide, "levels", None)
     W, H = slide.dimensions
@@ -491,6 +558,23 @@ def _pick_level(slide: Any, factor: float) -> tuple[Any, float, float]:
     return lv, W / lv.shape[1], H / lv.shape[0]
 
 
+def _tile_source(x: float, y: float, tile: int, factor: float, dsx: float, dsy: float
+                 ) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float],
+                            tuple[int, int, int, int]]:
+    """Where `_read_tile` reads a tile on its level (downsamples dsx, dsy): the level pixel-index
+    coordinates (centres at integers) of its first output pixel's centre, the level pixels per
+    output pixel, the pre-filter's sigmas, and the padded level window (x0, y0, x1, y1) the
+    filtered resampling reads."""
+    fx, fy = factor / dsx, factor / dsy
+    u0, v0 = (x + 0.5 * factor) / dsx - 0.5, (y + 0.5 * factor) / dsy - 0.5
+    sx, sy = max(0.0, (fx - 1) / 2), max(0.0, (fy - 1) / 2)
+    pad_x, pad_y = 2 + int(math.ceil(4 * sx)), 2 + int(math.ceil(4 * sy))
+    ua, va = int(math.floor(u0)) - pad_x, int(math.floor(v0)) - pad_y
+    ub = int(math.ceil(u0 + (tile - 1) * fx)) + pad_x + 1
+    vb = int(math.ceil(v0 + (tile - 1) * fy)) + pad_y + 1
+    return (u0, v0), (fx, fy), (sx, sy), (ua, va, ub, vb)
+
+
 def _read_tile(slide: Any, x: float, y: float, tile: int, factor: float) -> np.ndarray:
     """A tile x tile RGB tile at the model's mpp whose corner is level-0 edge point (x, y).
 
@@ -501,16 +585,9 @@ def _read_tile(slide: Any, x: float, y: float, tile: int, factor: float) -> np.n
     scikit-image's anti-aliasing) before linear interpolation; off-slide is white.
     """
     level, dsx, dsy = _pick_level(slide, factor)
-    fx, fy = factor / dsx, factor / dsy  # level pixels per output pixel
-    # level pixel-index coordinates (pixel centres at integers) of the tile's first and last centres
-    u0, v0 = (x + 0.5 * factor) / dsx - 0.5, (y + 0.5 * factor) / dsy - 0.5
+    (u0, v0), (fx, fy), (sx, sy), (ua, va, ub, vb) = _tile_source(x, y, tile, factor, dsx, dsy)
     if abs(fx - 1) < 1e-9 and abs(fy - 1) < 1e-9 and float(u0).is_integer() and float(v0).is_integer():
         return _read_window(slide, level, int(u0), int(v0), int(u0) + tile, int(v0) + tile)
-    sx, sy = max(0.0, (fx - 1) / 2), max(0.0, (fy - 1) / 2)
-    pad_x, pad_y = 2 + int(math.ceil(4 * sx)), 2 + int(math.ceil(4 * sy))
-    ua, va = int(math.floor(u0)) - pad_x, int(math.floor(v0)) - pad_y
-    ub = int(math.ceil(u0 + (tile - 1) * fx)) + pad_x + 1
-    vb = int(math.ceil(v0 + (tile - 1) * fy)) + pad_y + 1
     canvas = _read_window(slide, level, ua, va, ub, vb).astype(np.float32)
     if sx > 0 or sy > 0:
         canvas = ndimage.gaussian_filter(canvas, sigma=(sy, sx, 0), mode="nearest", truncate=4.0)

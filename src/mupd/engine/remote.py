@@ -1,8 +1,9 @@
 """RemoteEngine: the Engine interface over HTTP to a `mupd serve` process (httpx client).
 
 It behaves like LocalEngine: same requests, same results, MuPDErrors with the server's message.
-A slide that exists on this machine is read here at the model's mpp and uploaded (the server
-need not see the file); a path that does not exist here is sent for the server to read within
+A slide that exists on this machine is read here (the pyramid-level pixels a local run would
+read for the region) and uploaded, so the server need not see the file and its result equals
+LocalEngine's; a path that does not exist here is sent for the server to read within
 its slide roots. Long calls are cancellable (the server is told to stop) and report the
 server's progress.
 """
@@ -192,30 +193,28 @@ class RemoteEngine:
 
     def _translate_upload(self, request: TranslateRequest, progress: Optional[ProgressCallback],
                           cancel: Optional[CancelToken]) -> TranslateResult:
-        """Read the region here at the model's mpp, send the pixels, place the results back."""
+        """Send the pyramid-level pixels a local run would read for the region (with where they
+        sit in the slide), so the server's tiles, and so its results, equal LocalEngine's."""
         from ..io import open_slide
-        from ..slides import box_from_polygon, check_box, placement
+        from ..slides import ArraySlide, box_from_polygon, check_box
 
-        model_mpp = (self._info or self.info()).mpp
+        info = self._info or self.info()
         with open_slide(request.slide_path, mpp=request.slide_mpp) as slide:
             if slide.mpp is None:
                 raise MuPDError(f"{slide.path}: the slide has no microns-per-pixel value; "
                                 "give one (slide_mpp / --mpp)")
             box = (box_from_polygon(request.polygon) if request.polygon is not None
-                   else request.box or (0, 0, *slide.dimensions))
+                   else tuple(request.box or (0, 0, *slide.dimensions)))
             check_box(box, slide.dimensions, f"slide {slide.path}")
-            image = slide.read_region(box[:2], box[2:], mpp=model_mpp)[..., :3]
-            slide_mpp = slide.mpp
-        sent = dataclasses.replace(request, box=None, polygon=None, output_path=None,
-                                   slide_mpp=None, slide_path=Path(request.slide_path).name)
-        body = self._long_call("/translate", wire.encode_region_upload(sent, image, model_mpp),
+            source = ArraySlide.from_slide(slide, box, info.mpp, info.tile_size)
+        sent = dataclasses.replace(request, box=box, output_path=None, slide_mpp=None,
+                                   slide_path=Path(request.slide_path).name)
+        body = self._long_call("/translate",
+                               wire.encode_region_upload(sent, source.image, source.mpp, source.frame()),
                                wire.NPZ_MEDIA_TYPE, progress, cancel)
         result = wire.decode_translate_result(body)
-        scale, translate = placement(box, slide_mpp, model_mpp)
-        result.layers = [dataclasses.replace(l, scale_um=scale, translate_um=translate)
-                         for l in result.layers]
         if request.output_path:
-            result.output_path = str(_write_layers(result.layers, box, model_mpp, request.output_path,
+            result.output_path = str(_write_layers(result.layers, box, info.mpp, request.output_path,
                                                    request.slide_path, request.ome_tiff))
         return result
 

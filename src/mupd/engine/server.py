@@ -449,14 +449,14 @@ def create_app(server: Server, token: str) -> FastAPI:
         kind = request.headers.get("content-type", "").split(";")[0].strip()
         body = await request.body()
         if kind == wire.NPZ_MEDIA_TYPE:
-            req, image, mpp = wire.decode_region_upload(body, 4 * cfg.max_request_bytes)
+            req, image, mpp, frame = wire.decode_region_upload(body, 4 * cfg.max_request_bytes)
             from ..slides import ArraySlide
 
-            _check_output(req, server, image.shape[0] * image.shape[1] * (mpp / server.engine.info().mpp) ** 2)
             if req.output_path:
                 raise AccessDenied("an uploaded region's results come back in the response; "
                                    "output_path is for server-side slides")
-            slide = ArraySlide(image, mpp, path=f"upload:{Path(req.slide_path).name}")
+            slide = ArraySlide(image, mpp, path=f"upload:{Path(req.slide_path).name}", **frame)
+            _check_output(req, server, slide)
             work = lambda p, c: server.engine.translate_slide(slide, req, progress=p, cancel=c)  # noqa: E731
         elif kind == "application/json":
             try:
@@ -519,7 +519,15 @@ def create_app(server: Server, token: str) -> FastAPI:
     return app
 
 
-def _check_output(req: TranslateRequest, server: Server, out_pixels: float) -> None:
+def _check_output(req: TranslateRequest, server: Server, slide: Any) -> None:
+    """413 for a region with more output pixels (at the model's mpp) than the server allows."""
+    from ..slides import box_from_polygon
+
+    if slide.mpp is None:
+        return  # RegionTranslator refuses it with a clear message
+    box = box_from_polygon(req.polygon) if req.polygon is not None else req.box or (0, 0, *slide.dimensions)
+    factor = server.engine.info().mpp / (sum(slide.mpp) / 2)
+    out_pixels = box[2] * box[3] / factor**2
     if out_pixels > server.config.max_output_pixels:
         raise TooLarge(f"the region is {out_pixels:.0f} output pixels at the model's mpp, more than "
                        f"this server's per-request limit of {server.config.max_output_pixels}; split it "
@@ -528,14 +536,9 @@ def _check_output(req: TranslateRequest, server: Server, out_pixels: float) -> N
 
 def _translate_path(server: Server, req: TranslateRequest, progress: Any, cancel: CancelToken) -> Any:
     from ..io import open_slide
-    from ..slides import box_from_polygon
 
     with open_slide(req.slide_path, mpp=req.slide_mpp) as slide:
-        if slide.mpp is not None:
-            box = (box_from_polygon(req.polygon) if req.polygon is not None
-                   else req.box or (0, 0, *slide.dimensions))
-            factor = server.engine.info().mpp / (sum(slide.mpp) / 2)
-            _check_output(req, server, box[2] * box[3] / factor**2)
+        _check_output(req, server, slide)
         return server.engine.translate_slide(slide, req, progress=progress, cancel=cancel)
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import io
 import json
 import zipfile
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 import numpy as np
 
@@ -123,19 +123,31 @@ def decode_generate_request(body: bytes, max_bytes: Optional[int] = None) -> Gen
     return req
 
 
-def encode_region_upload(req: TranslateRequest, image: np.ndarray, mpp: float) -> bytes:
-    """A translate request whose source is an uploaded (H, W, 3) uint8 region at `mpp` um/px.
+#: The fields of an upload's frame (see `encode_region_upload`).
+FRAME_KEYS = ("origin", "level_size", "dimensions")
 
-    The region is translated as a whole; results come back placed in the upload's own frame
-    (top-left pixel at the origin) for the client to place over its slide.
+
+def encode_region_upload(req: TranslateRequest, image: np.ndarray, mpp: float | Sequence[float],
+                         frame: Optional[dict[str, Sequence[int]]] = None) -> bytes:
+    """A translate request whose source is uploaded (H, W, 3) uint8 pixels.
+
+    Without `frame` the image is a whole slide at `mpp` um/px (results placed in its own frame).
+    With `frame` (`slides.ArraySlide.frame()`: `origin`, `level_size`, `dimensions`) it is a
+    window of one pyramid level of the client's slide whose level-0 pixels are `mpp` (x, y) um;
+    `req.box` / `req.polygon` are then level-0 coordinates of that slide, and the server reads
+    the same tiles as a local run on the slide file.
     """
     meta = to_json(req)
-    meta["upload_mpp"] = float(mpp)
+    meta["upload_mpp"] = float(mpp) if np.isscalar(mpp) else [float(v) for v in mpp]
+    if frame is not None:
+        meta["upload_frame"] = {k: [int(v) for v in frame[k]] for k in FRAME_KEYS if k in frame}
     return encode_npz(meta, {"image": np.asarray(image)})
 
 
 def decode_region_upload(body: bytes, max_bytes: Optional[int] = None
-                         ) -> tuple[TranslateRequest, np.ndarray, float]:
+                         ) -> tuple[TranslateRequest, np.ndarray, Any, dict[str, tuple[int, int]]]:
+    """(request, image, mpp (a number or (x, y)), frame) of an upload; the frame is empty for a
+    whole-slide image and otherwise holds ArraySlide's `origin`, `level_size`, `dimensions`."""
     meta, arrays = decode_npz(body, max_bytes)
     if set(arrays) != {"image"}:
         raise WireError(f"translate upload: expected exactly one array 'image', got {sorted(arrays)}")
@@ -144,10 +156,18 @@ def decode_region_upload(body: bytes, max_bytes: Optional[int] = None
         raise WireError(f"translate upload: 'image' must be (H, W, 3) uint8 RGB, got "
                         f"{image.shape} {image.dtype}")
     mpp = meta.pop("upload_mpp", None)
-    if not isinstance(mpp, (int, float)) or not mpp > 0:
-        raise WireError(f"translate upload: 'upload_mpp' must be a positive number, got {mpp!r}")
+    values = mpp if isinstance(mpp, list) and len(mpp) == 2 else [mpp]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+        raise WireError(f"translate upload: 'upload_mpp' must be a positive number or two, got {mpp!r}")
+    frame = meta.pop("upload_frame", {})
+    if not isinstance(frame, dict) or set(frame) - set(FRAME_KEYS) or not all(
+            isinstance(v, list) and len(v) == 2 and all(type(i) is int for i in v) for v in frame.values()):
+        raise WireError(f"translate upload: 'upload_frame' must map {', '.join(FRAME_KEYS)} to "
+                        f"[x, y] integer pairs, got {frame!r}")
     meta.setdefault("slide_path", "<upload>")
-    return translate_request_from_json(meta), image[..., :3], float(mpp)
+    return (translate_request_from_json(meta), image[..., :3],
+            tuple(float(v) for v in mpp) if isinstance(mpp, list) else float(mpp),
+            {k: tuple(v) for k, v in frame.items()})
 
 
 def translate_request_from_json(data: Any) -> TranslateRequest:
