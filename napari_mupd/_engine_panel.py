@@ -74,7 +74,7 @@ class EnginePanel(QWidget):
         self.connect_button.changed.connect(self.connect)
         self.finetune_button.changed.connect(self._open_finetune)
         session().changed.connect(self._on_engine)
-        session().models_changed.connect(self.model.reset_choices)
+        session().models_changed.connect(self._refresh_models)  # a bound method: dropped with the panel
         self._show_mode(self.mode.value)
         if session().current_info is not None:
             self._on_engine(session().current_info)
@@ -101,6 +101,9 @@ class EnginePanel(QWidget):
 
     def _on_engine(self, info: EngineInfo) -> None:
         self.info.value = describe(info)
+        self._refresh_models()
+
+    def _refresh_models(self, *_: Any) -> None:
         self.model.reset_choices()
 
     # -- actions -----------------------------------------------------------------------------

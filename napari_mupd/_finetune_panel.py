@@ -135,8 +135,9 @@ class FinetunePanel(QWidget):
         self.cancel_button.changed.connect(lambda: self.task and self.task.cancel())
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(lambda _e: (self.source_layer.reset_choices(), self.target_layer.reset_choices()))
-        session().changed.connect(lambda _info: self.base.reset_choices())
-        session().models_changed.connect(self.base.reset_choices)
+        # bound methods of this QWidget: Qt drops the connections when the panel is deleted
+        session().changed.connect(self._refresh_models)
+        session().models_changed.connect(self._refresh_models)
         self._show_kind(self.source_kind.value)
 
     def _image_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
@@ -146,6 +147,9 @@ class FinetunePanel(QWidget):
         info = session().current_info
         current = [info.model_path] if info else []
         return current + [m for m in session().models if m not in current]
+
+    def _refresh_models(self, *_: Any) -> None:
+        self.base.reset_choices()
 
     def _show_kind(self, kind: str) -> None:
         layers = kind == LAYERS
