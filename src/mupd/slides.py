@@ -632,6 +632,7 @@ def write_translation(result: RegionTranslation, out_dir: str | Path, source: st
     OME-Zarr (lazily) and their temporary sums removed, so `result` stays usable.
     """
     from .io import write_ome_tiff, write_ome_zarr
+    from .io.omezarr import set_ngff_translation
     from .io.atomic import atomic_output
 
     out = check_output_folder(out_dir, overwrite)
@@ -649,7 +650,7 @@ def write_translation(result: RegionTranslation, out_dir: str | Path, source: st
                            colors=None if rgb else [_color_hex(layer.colormap)], metadata=meta)
             stem = layer_file_stem(layer.name)
             write_ome_zarr(tmp / f"{stem}.ome.zarr", image, **options)
-            _add_ngff_translation(tmp / f"{stem}.ome.zarr", result.translate_um, result.output_mpp)
+            set_ngff_translation(tmp / f"{stem}.ome.zarr", result.translate_um, result.output_mpp)
             if ome_tiff:
                 write_ome_tiff(tmp / f"{stem}.ome.tif", image, **options)
     if result.workdir is not None:
@@ -660,25 +661,6 @@ def write_translation(result: RegionTranslation, out_dir: str | Path, source: st
             layer.data = level0 if layer.kind == "rgb" else level0[..., 0]
         result.close()
     return out
-
-
-def _add_ngff_translation(path: Path, translate_um: tuple[float, float], mpp: float) -> None:
-    """Add NGFF `translation` transforms so OME-Zarr viewers place every level over the slide.
-
-    Level i pixel 0 spans level-0 output pixels 0 .. 2**i - 1, so its centre sits
-    (2**i - 1) / 2 output pixels after level 0's.
-    """
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r+")
-    attrs = dict(group.attrs)
-    ome = attrs.get("ome", attrs)
-    for i, ds in enumerate(ome["multiscales"][0]["datasets"]):
-        shift = (2**i - 1) / 2 * mpp
-        ds["coordinateTransformations"] = [t for t in ds["coordinateTransformations"]
-                                           if t.get("type") != "translation"] + [
-            {"type": "translation", "translation": [0.0, translate_um[0] + shift, translate_um[1] + shift]}]
-    group.attrs.update(attrs)
 
 
 def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
