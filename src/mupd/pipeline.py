@@ -2,6 +2,8 @@
 
 Objective: flow matching with the linear interpolant x_t = (1 - t) x_0 + t * noise, the model
 predicting the velocity v = noise - x_0, training timesteps logit-normal (t = sigmoid(N(0, 1))),
+except that a `readout_fraction` of translation samples is trained at t = 1 (the one-step
+readout below, which logit-normal timesteps would almost never reach),
 and each token modality (text, RNA, reference) dropped per sample with the config's probability
 so that one model also gives the unconditional velocity for guidance.
 
@@ -12,6 +14,9 @@ modality m (plus stain and source); all these passes run as one batch.
 
 Sampling integrates dx/dt = v from t = 1 (noise) to t = 0 with Euler or Heun steps; one Euler
 step is the one-step readout x_0 = noise - v(noise, 1), the default for translation.
+
+The transformer predicts either v itself or (config `prediction: x0`) the clean latents x_0,
+turned into v = (x_t - x_0) / t, so loss, guidance and samplers all work on v either way.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from .errors import ConditionError, ModelError, OutputExistsError
 from .models.attention import MODALITIES
 from .models.catalogue import StainCatalogue
 from .models.codec import Codec, build_codec, load_codec, save_codec
-from .models.configs import model_config
+from .models.configs import PREDICTIONS, READOUT_FRACTION, model_config
 from .models.rna import RNATokenizer
 from .models.text import TextEncoder
 from .models.transformer import MuPDTransformer
@@ -40,6 +45,8 @@ INDEX_FILE = "model_index.json"
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl")
 SAMPLERS = ("euler", "heun")
+#: x0 models: t is clamped to this when x0 is turned into a velocity (no division by ~0).
+MIN_T = 0.05
 
 
 def _refuse_pickles(folder: Path) -> None:
@@ -63,6 +70,9 @@ class MuPDPipeline:
         if self.tile_size % block:
             raise ModelError(f"tile size {self.tile_size} px is not a multiple of {block} px "
                              f"(codec downsample x patch size)")
+        if self.prediction not in PREDICTIONS:
+            raise ModelError(f"model config prediction {self.prediction!r} unknown; use "
+                             f"{' or '.join(PREDICTIONS)}")
         if codec.latent_channels != transformer.config.latent_channels:
             raise ModelError(f"codec gives {codec.latent_channels} latent channels, the transformer "
                              f"expects {transformer.config.latent_channels}")
@@ -71,6 +81,16 @@ class MuPDPipeline:
     @property
     def tile_size(self) -> int:
         return int(self.config["tile_size"])
+
+    @property
+    def prediction(self) -> str:
+        return str(self.config.get("prediction", "velocity"))
+
+    def _as_velocity(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity from the transformer's output (`prediction`): itself, or from x0."""
+        if self.prediction == "velocity":
+            return out
+        return (xt - out) / t.clamp(min=MIN_T).to(xt.dtype)[:, None, None, None]
 
     @property
     def mpp(self) -> float:
@@ -242,9 +262,13 @@ class MuPDPipeline:
             present = batch.get("reference_present")
             present = keep["reference"] if present is None else present.to(device).bool() & keep["reference"]
             cond["reference"] = (self._encode(batch["reference"].to(device)), present)
+        readout = float(self.config.get("readout_fraction", READOUT_FRACTION))
+        if cond.get("source") is not None and readout > 0:  # train the one-step readout
+            translating = cond.get("source_present", torch.ones(b, dtype=torch.bool, device=device))
+            t = torch.where(translating & (draw((b,), False) < readout), torch.ones_like(t), t)
         tt = t[:, None, None, None]
         xt = (1 - tt) * x0 + tt * noise
-        pred = model(xt, t, **self._model_kwargs(cond))
+        pred = self._as_velocity(model(xt, t, **self._model_kwargs(cond)), xt, t)
         return F.mse_loss(pred.float(), (noise - x0).float())
 
     # -- sampling -------------------------------------------------------------------------
@@ -266,9 +290,10 @@ class MuPDPipeline:
         b = x.shape[0]
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda")
         if guidance is None or not present:
+            tb = torch.full((b,), t, device=x.device)
             with autocast:
-                v = self.transformer(x, torch.full((b,), t, device=x.device), **self._model_kwargs(cond))
-            return v.float()
+                v = self.transformer(x, tb, **self._model_kwargs(cond))
+            return self._as_velocity(v.float(), x, tb)
         passes = [None, *present]  # unconditional, then each modality alone
         k = len(passes)
         batched: dict[str, Any] = {"stain": cond["stain"].repeat(k)}
@@ -279,10 +304,10 @@ class MuPDPipeline:
             on = torch.tensor([p == m for p in passes], device=x.device).repeat_interleave(b)
             batched[m] = (data.repeat(k, *([1] * (data.ndim - 1))),
                           mask.repeat(k, *([1] * (mask.ndim - 1))) & on.view(-1, *([1] * (mask.ndim - 1))))
+        xk, tk = x.repeat(k, 1, 1, 1), torch.full((k * b,), t, device=x.device)
         with autocast:
-            v = self.transformer(x.repeat(k, 1, 1, 1), torch.full((k * b,), t, device=x.device),
-                                 **self._model_kwargs(batched)).float()
-        v = v.view(k, b, *v.shape[1:])
+            v = self.transformer(xk, tk, **self._model_kwargs(batched)).float()
+        v = self._as_velocity(v, xk, tk).view(k, b, *v.shape[1:])
         return v[0] + sum(guidance.get(m, 1.0) * (v[i + 1] - v[0]) for i, m in enumerate(present))
 
     def _timesteps(self, steps: int) -> list[float]:

@@ -19,6 +19,18 @@ from typing import Any, Optional
 
 from ..errors import ModelError
 
+#: Fraction of translation samples trained at t = 1 exactly, the one-step readout
+#: x_0 = noise - v(noise, 1) that `translate(steps=1)` uses. Logit-normal timesteps almost never
+#: reach t = 1 (P(t > 0.95) ~ 0.2 %), and below it a target that is nearly constant over the
+#: tile (spot-level marker maps) can be read off the noisy latents themselves, so without this
+#: the readout - the only point where the source H&E must carry the prediction - is never learned.
+READOUT_FRACTION = 0.5
+#: What the transformer outputs: "velocity" (v = noise - x_0) or "x0" (the clean latents; the
+#: pipeline turns them into v = (x_t - x_0) / t, the loss staying on v). With pixel-space latents
+#: a token (48 channels x 2 x 2 = 192 values in `tiny`) is as wide as the transformer, so a
+#: velocity model must carry the noise through that bottleneck; an x0 model does not need to.
+PREDICTIONS = ("velocity", "x0")
+
 #: An SD-style VAE config (8x down, 4 latent channels) for fresh-weight base/xl codecs.
 SD_VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4,
@@ -45,6 +57,8 @@ class ModelConfig:
     dropout: dict[str, float] = field(default_factory=lambda: {"text": 0.1, "rna": 0.1,
                                                                "reference": 0.1})
     time_shift: float = 1.0  # sampling schedule shift (>1 spends more steps near noise)
+    readout_fraction: float = READOUT_FRACTION  # translation samples trained at t = 1
+    prediction: str = "velocity"  # "velocity" or "x0" (see PREDICTIONS)
 
 
 CONFIGS: dict[str, ModelConfig] = {
@@ -80,4 +94,7 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
         else:
             raise ModelError(f"unknown model config key {key!r}; use one of "
                              f"{', '.join(sorted(top | set(config['transformer'])))}")
+    if config["prediction"] not in PREDICTIONS:
+        raise ModelError(f"model config prediction {config['prediction']!r} unknown; use "
+                         f"{' or '.join(PREDICTIONS)}")
     return config

@@ -1,0 +1,99 @@
+"""The one-step translation readout is trained, x0 prediction, and a short run tells stains and
+sources apart (the bundled model once predicted the same map for every marker and every tile:
+its training never reached t = 1, the only timestep where the source must carry the answer)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from mupd.errors import ModelError
+from mupd.pipeline import MuPDPipeline
+
+T = 32
+
+
+def small(**overrides) -> MuPDPipeline:
+    torch.manual_seed(0)
+    return MuPDPipeline.from_config_name("tiny", tile_size=T, hidden_size=48, depth=2, num_heads=2,
+                                         cond_dim=48, **overrides)
+
+
+class Recorder(torch.nn.Module):
+    """Stands in for the transformer: records timesteps, outputs a constant."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        super().__init__()
+        self.value = torch.nn.Parameter(torch.tensor(float(value)))
+        self.config = SimpleNamespace(max_stains=64)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, sample, timestep, **kwargs):
+        self.seen.append(timestep.detach().clone())
+        return torch.zeros_like(sample) + self.value
+
+
+def grey(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)[:, None, None, None].expand(-1, 3, T, T)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_translation_samples_are_trained_at_the_readout(fraction):
+    pipe = small(readout_fraction=fraction)
+    model = Recorder()
+    x = grey(np.linspace(-0.8, 0.8, 8))
+    present = torch.tensor([True, False] * 4)
+    for batch in ({"target": x, "stain": ["Ki67"] * 8, "source": x},
+                  {"target": x, "stain": ["Ki67", "H&E"] * 4, "source": x, "source_present": present},
+                  {"target": x, "stain": ["H&E"] * 8}):
+        pipe.training_loss(batch, model=model, generator=torch.Generator().manual_seed(1))
+    translate, mixed, generate = model.seen
+    assert bool((translate == 1).all()) == (fraction == 1.0)
+    assert not bool((translate == 1).any()) or fraction > 0
+    assert bool((mixed[present] == 1).all()) == (fraction == 1.0)
+    assert not bool((mixed[~present] == 1).any())  # generation samples keep logit-normal t
+    assert not bool((generate == 1).any())
+
+
+def test_x0_prediction_readout_and_sampling_return_the_predicted_map():
+    pipe = small(prediction="x0")
+    pipe.transformer = Recorder(0.2)  # predicts x0 = 0.2 everywhere -> marker 0.6
+    tiles = np.full((2, T, T, 3), 128, np.uint8)
+    for steps in (1, 3):
+        maps = pipe.translate(tiles, ["Ki67"], steps=steps)["Ki67"]
+        np.testing.assert_allclose(maps, 0.6, atol=1e-5)
+    velocity = small()
+    velocity.transformer = Recorder(0.2)  # a velocity of 0.2: readout noise - 0.2, not 0.6
+    assert abs(float(velocity.translate(tiles, ["Ki67"])["Ki67"].mean()) - 0.6) > 0.05
+    with pytest.raises(ModelError, match="prediction 'eps' unknown"):
+        small(prediction="eps")
+
+
+def test_short_run_learns_marker_from_stain_and_source():
+    """Target: one value per tile, from the source's brightness, inverted for one stain."""
+    pipe = small(prediction="x0", readout_fraction=1.0)
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    level = rng.uniform(0.1, 0.9, 64)
+    tiles = np.clip(level[:, None, None, None] * 255 + rng.normal(0, 20, (64, T, T, 3)), 0, 255)
+    tiles = tiles.astype(np.uint8)
+    truth = {"Ki67": level, "CD45": 1 - level}
+    optimizer = torch.optim.AdamW(pipe.transformer.parameters(), lr=2e-3)
+    for _ in range(120):
+        idx = rng.choice(48, 8)  # tiles 48..63 are never trained on
+        stains = rng.choice(list(truth), 8)
+        target = grey([2 * truth[s][i] - 1 for s, i in zip(stains, idx)])
+        source = torch.from_numpy(tiles[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        loss = pipe.training_loss({"target": target, "stain": list(stains), "source": source},
+                                  generator=gen)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    out = pipe.translate(tiles[48:], list(truth), steps=1)
+    for stain, values in truth.items():
+        pred = out[stain].mean(axis=(1, 2))
+        assert np.corrcoef(pred, values[48:])[0, 1] > 0.8, stain
+    assert out["Ki67"].mean() != pytest.approx(out["CD45"].mean(), abs=0.01)
