@@ -95,7 +95,9 @@ def test_feathered_tiles_leave_no_seam_where_hard_tiles_do(cmu):
 
 def test_overlapping_tiles_share_noise_so_model_predictions_agree(cmu):
     """The cause of the model's seams, measured directly: two tiles 64 px apart predict the same
-    64 px strip. Independent noise per tile: r = 0.02. One noise field over the region: r > 0.9."""
+    64 px strip. Independent noise per tile: r near 0. One noise field over the region: r > 0.8
+    (measured 0.993 with the 600-step model, 0.893 with the 3600-step one, whose maps also follow
+    the tile's context; the seam test below checks what that leaves visible)."""
     pipe = model_pipeline()
     tile, f = int(pipe.tile_size), pipe.mpp / cmu.mpp[0]
     shift = tile // 2
@@ -109,7 +111,7 @@ def test_overlapping_tiles_share_noise_so_model_predictions_agree(cmu):
         return np.corrcoef(a[:, shift:].ravel(), b[:, :-shift].ravel())[0, 1]
 
     independent, shared = overlap_r(None), overlap_r([(0, 0), (0, shift)])
-    assert abs(independent) < 0.2 < 0.9 < shared, (independent, shared)
+    assert abs(independent) < 0.2 < 0.8 < shared, (independent, shared)
 
 
 def test_tile_positions_off_the_latent_grid_are_refused():
