@@ -201,3 +201,25 @@ def test_collate_of_cached_latents_flags_absent_sources_and_refuses_mixing():
     pixels = Sample(target=np.zeros((8, 8, 3), np.uint8), stain="H&E", name="c")
     with pytest.raises(DataError, match="mixes cached latents and pixels"):
         collate([generate, pixels])
+
+
+def test_pipeline_loss_from_cached_latents_equals_the_loss_from_pixels(he_store, trained):
+    """MuPDPipeline takes the cache's latents in place of pixels: same loss for the same draws."""
+    from mupd.pipeline import MuPDPipeline
+
+    _, train_tiles, _ = he_store
+    pipe = MuPDPipeline.from_config_name("tiny", tile_size=TILE,
+                                         codec={"type": "vae", "path": str(trained / "vae")})
+    assert pipe.LATENT_BATCHES
+    samples = [Sample(target=t, stain="HER2" if i % 2 else "H&E", source=train_tiles[-1 - i] if i % 2 else None)
+               for i, t in enumerate(train_tiles[:4])]
+    pixels = collate(samples)
+    with torch.no_grad():
+        latents = {k: v for k, v in pixels.items() if k not in ("target", "source")}
+        latents["target_latents"] = pipe.codec.encode(pixels["target"])
+        latents["source_latents"] = pipe.codec.encode(pixels["source"])
+        a = pipe.training_loss(pixels, generator=torch.Generator().manual_seed(3))
+        b = pipe.training_loss(latents, generator=torch.Generator().manual_seed(3))
+    assert torch.isfinite(a) and torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(Exception, match="cached training latents of shape"):
+        pipe.training_loss({**latents, "target_latents": latents["target_latents"][:, :2]})

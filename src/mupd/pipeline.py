@@ -220,21 +220,39 @@ class MuPDPipeline:
         return kwargs
 
     # -- training -------------------------------------------------------------------------
+    #: `training_loss` takes latents cached once before training (mupd.train.latents) in place
+    #: of "target" / "source" pixels: "target_latents" / "source_latents".
+    LATENT_BATCHES = True
+
+    def _training_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The clean latents x0 of a batch: cached ones as given, else the target pixels encoded."""
+        if batch.get("target_latents") is not None:
+            x0 = batch["target_latents"].to(self.device).float()
+            lat = self.tile_size // self.codec.downsample
+            if x0.ndim != 4 or x0.shape[1:] != (self.codec.latent_channels, lat, lat):
+                raise ConditionError(f"cached training latents of shape {tuple(x0.shape)}; expected "
+                                     f"(B, {self.codec.latent_channels}, {lat}, {lat}): was the cache "
+                                     "built with another codec or tile size?")
+            return x0
+        target = batch["target"].to(self.device)
+        if target.ndim != 4 or target.shape[1] != 3 or target.shape[2:] != (self.tile_size,) * 2:
+            raise ConditionError(f"training target of shape {tuple(target.shape)}; expected "
+                                 f"(B, 3, {self.tile_size}, {self.tile_size})")
+        return self._encode(target)
+
     def training_loss(self, batch: dict[str, Any], model: Optional[torch.nn.Module] = None,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Flow-matching loss of one batch (see the module doc for the batch layout).
 
-        batch: "target" (B, 3, H, W) in [-1, 1]; "stain" list[str]; optional "source"
-        (B, 3, H, W) + optional "source_present" (B,) bool (a batch mixing tasks);
+        batch: "target" (B, 3, H, W) in [-1, 1] or "target_latents" (cached); "stain" list[str];
+        optional "source" (B, 3, H, W) or "source_latents", + optional "source_present" (B,) bool
+        (a batch mixing tasks);
         "text" list[str | None]; "rna_values" (B, G) + "rna_mask" (B, G) bool;
         "reference" (B, 3, H, W) + optional "reference_present" (B,) bool."""
         model = model if model is not None else self.transformer
         device = self.device
-        target = batch["target"].to(device)
-        if target.ndim != 4 or target.shape[1] != 3 or target.shape[2:] != (self.tile_size,) * 2:
-            raise ConditionError(f"training target of shape {tuple(target.shape)}; expected "
-                                 f"(B, 3, {self.tile_size}, {self.tile_size})")
-        b = target.shape[0]
+        x0 = self._training_latents(batch)
+        b = x0.shape[0]
         if len(batch["stain"]) != b:
             raise ConditionError(f"{len(batch['stain'])} stain names for {b} targets")
         gen_device = generator.device if generator is not None else device
@@ -243,13 +261,15 @@ class MuPDPipeline:
             fn = torch.randn if normal else torch.rand
             return fn(shape, generator=generator, device=gen_device).to(device)
 
-        x0 = self._encode(target)
         noise = draw(tuple(x0.shape), True)
         t = torch.sigmoid(draw((b,), True))
         keep = {m: draw((b,), False) >= self.config["dropout"].get(m, 0.0) for m in MODALITIES}
         cond: dict[str, Any] = {"stain": self._stain_ids(batch["stain"])}
-        if batch.get("source") is not None:
+        if batch.get("source_latents") is not None:
+            cond["source"] = batch["source_latents"].to(device).float()
+        elif batch.get("source") is not None:
             cond["source"] = self._encode(batch["source"].to(device))
+        if "source" in cond:
             if batch.get("source_present") is not None:
                 cond["source_present"] = batch["source_present"].to(device).bool()
         text = self._text(batch.get("text"))
