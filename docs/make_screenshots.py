@@ -48,6 +48,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    import os
+    import tempfile
+
+    os.environ["MUPD_CONFIG"] = tempfile.mkdtemp(prefix="mupd-shots-")  # leave the user's panel settings alone
 
     import napari
     import pandas as pd

@@ -67,7 +67,7 @@ def stain_default_roi(viewer, slide_layer, out_dir: Path) -> list:
     viewer.window.add_dock_widget(panel, name="Translate", area="right")
     start = time.perf_counter()
     result = engine.translate(request)
-    layers = add_results(viewer, [("ROI 1", result)])
+    layers = add_results(viewer, [("ROI 1", result)], panel.side_by_side.value)
     for layer in layers:  # one familiar brightfield view on top; the others a click away
         layer.visible = layer.name.startswith(f"IHC-{DEMO_STAINS[0]}")
     print(f"virtual {', '.join(DEMO_STAINS)} on ROI x={x} y={y} {w}x{h} px: {result.n_tiles} tiles in "
