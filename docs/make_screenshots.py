@@ -95,7 +95,7 @@ def main() -> None:
 
     counts = pd.read_csv(args.data / "st/her2st/counts/B4.tsv.gz", sep="\t", index_col=0)
     spot = counts.sum(axis=1).idxmax()  # the deepest B4 spot
-    profile = args.out.parent / ".b4_spot.csv"
+    profile = Path(os.environ["MUPD_CONFIG"]) / f"B4_spot_{spot}.csv"
     counts.loc[spot].rename_axis("gene").rename("count").to_csv(profile)
     generate = GeneratePanel(viewer)
     generate.prompt.value = "H&E, breast, HER2-positive carcinoma, HER2-high, immune-rich"
@@ -103,7 +103,6 @@ def main() -> None:
     generate.samples.value, generate.steps.value = 9, 20
     dock = viewer.window.add_dock_widget(generate, name="Generate", area="right")
     wait(generate.run())
-    profile.unlink()
     grid = next(l for l in viewer.layers if l.metadata.get("mupd_generated"))
     viewer.camera.center = (0, *(np.asarray(grid.extent.world).mean(axis=0)[-2:]))
     viewer.camera.zoom = 1.6
