@@ -32,7 +32,8 @@ SELECTED = "selected shapes"
 
 
 def translation_requests(slide_layer: Any, polygons: list[Polygon], stains: list[str], steps: int,
-                         seed: int, render_brightfield: bool) -> list[TranslateRequest]:
+                         seed: int, render_brightfield: bool,
+                         source_guidance: float = 1.0) -> list[TranslateRequest]:
     """One engine request per region of an open slide layer (level-0 polygons)."""
     if not stains:
         raise ConditionError("pick at least one target stain or marker")
@@ -41,6 +42,7 @@ def translation_requests(slide_layer: Any, polygons: list[Polygon], stains: list
     user_mpp = slide_layer.metadata["mpp"][0] if slide_layer.metadata.get("mpp_source") == "user" else None
     return [TranslateRequest(slide_path=slide_layer.metadata["slide_path"], stains=list(stains),
                              polygon=polygon, steps=steps, seed=seed, slide_mpp=user_mpp,
+                             guidance={} if source_guidance == 1.0 else {"source": source_guidance},
                              render_brightfield=render_brightfield) for polygon in polygons]
 
 
@@ -68,6 +70,9 @@ class TranslatePanel(QWidget):
         self.steps = SpinBox(label="steps", min=1, max=100, value=1,
                              tooltip="sampling steps; 1 is the one-step readout (fastest)")
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0)
+        self.guidance = FloatSlider(label="source guidance", min=0.0, max=5.0, value=1.0,
+                                    tooltip="image guidance on the H&E: 1 = the model as trained, "
+                                    ">1 pushes further from the model with the H&E hidden")
         self.render = CheckBox(text="also render markers as brightfield IHC (DAB)", value=True)
         self.user_mpp = FloatSpinBox(label="slide um/px if unknown", min=0.0, max=100.0, value=0.0,
                                       step=0.01, tooltip="only for files without a pixel size "
@@ -81,7 +86,8 @@ class TranslatePanel(QWidget):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         self.form = Container(widgets=[
-            self.source, self.stains, self.region, self.steps, self.seed, self.render, self.user_mpp,
+            self.source, self.stains, self.region, self.steps, self.seed, self.guidance, self.render,
+            self.user_mpp,
             self.limit,
             self.side_by_side, self.opacity, Container(widgets=[self.run_button, self.cancel_button],
                                                        layout="horizontal", labels=False),
@@ -92,7 +98,8 @@ class TranslatePanel(QWidget):
 
         self._saved_stains = _settings.load("translate-stains").get("stains", [])
         _settings.persist("translate", {"region": self.region, "steps": self.steps,
-                                        "seed": self.seed, "render": self.render,
+                                        "seed": self.seed, "guidance": self.guidance,
+                                        "render": self.render,
                                         "limit": self.limit, "side_by_side": self.side_by_side,
                                         "opacity": self.opacity})
         self.stains.changed.connect(self._save_stains)
@@ -158,7 +165,8 @@ class TranslatePanel(QWidget):
             mpp = slide_mpp(slide_layer) or self._calibrate(slide_layer)
             self._check_size([p for _, p in named], mpp)
             requests = translation_requests(slide_layer, [p for _, p in named], list(self.stains.value),
-                                            self.steps.value, self.seed.value, self.render.value)
+                                            self.steps.value, self.seed.value, self.render.value,
+                                            round(self.guidance.value, 2))
         except MuPDError as exc:
             notify_error(exc, "Translate")
             return None

@@ -97,3 +97,31 @@ def test_short_run_learns_marker_from_stain_and_source():
         pred = out[stain].mean(axis=(1, 2))
         assert np.corrcoef(pred, values[48:])[0, 1] > 0.8, stain
     assert out["Ki67"].mean() != pytest.approx(out["CD45"].mean(), abs=0.01)
+
+
+def test_source_guidance_is_image_cfg_on_the_translation_source():
+    """guidance={"source": w}: 1 is the plain model, 0 the model with the source hidden, and the
+    one-step readout moves linearly in w between and beyond them (before clipping to [0, 1])."""
+    from skimage import data
+
+    from mupd.paths import DEFAULT_MODEL
+    from mupd.pipeline import MuPDPipeline
+
+    if not DEFAULT_MODEL.is_dir():
+        pytest.skip(f"bundled model {DEFAULT_MODEL} is absent")
+    pipe = MuPDPipeline.from_pretrained(DEFAULT_MODEL)
+    t = pipe.tile_size
+    tiles = data.immunohistochemistry()[None, :t, :t]  # a real tissue tile (any RGB works here)
+
+    def ki67(guidance):
+        return pipe.translate(tiles, ["Ki67"], guidance=guidance, seed=3)["Ki67"][0]
+
+    plain, one, zero, half = ki67(None), ki67({"source": 1.0}), ki67({"source": 0.0}), ki67({"source": 0.5})
+    np.testing.assert_array_equal(plain, one)
+    assert not np.allclose(zero, plain, atol=1e-3)  # hiding the source changes the answer
+    inside = (plain > 0.05) & (plain < 0.95) & (zero > 0.05) & (zero < 0.95)
+    assert inside.mean() > 0.5
+    linear = np.abs(half - (plain + zero) / 2)[inside] < 2e-3
+    assert linear.mean() > 0.999, linear.mean()  # a few pixels touch the codec's clipping
+    with pytest.raises(Exception, match="unknown modality 'sauce'"):
+        pipe.translate(tiles, ["Ki67"], guidance={"sauce": 2.0})

@@ -134,6 +134,12 @@ def test_translate_panel_places_layers_over_the_roi_without_freezing(make_napari
     assert np.allclose(her2.translate, her2.metadata["mupd_translate_um"])
     panel.opacity.value = 0.3
     assert results["IHC-Ki67 [ROI 1]"].opacity == pytest.approx(0.3)
+    # source guidance reaches the engine as image guidance (1 = none)
+    from napari_mupd._translate_panel import translation_requests
+
+    polygon = [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
+    assert translation_requests(slide, [polygon], ["HER2"], 1, 0, False)[0].guidance == {}
+    assert translation_requests(slide, [polygon], ["HER2"], 1, 0, False, 2.5)[0].guidance == {"source": 2.5}
 
 
 def test_translate_panel_cancel_adds_nothing(make_napari_viewer, qtbot, slide_path, local_engine, errors,
@@ -185,10 +191,11 @@ def test_translate_panel_values_persist(make_napari_viewer, errors):
 
     viewer = make_napari_viewer()
     first = TranslatePanel(viewer)
-    first.steps.value, first.seed.value, first.limit.value = 3, 42, 12.5
+    first.steps.value, first.seed.value, first.limit.value, first.guidance.value = 3, 42, 12.5, 2.0
     first.region.value = "field of view"
     second = TranslatePanel(make_napari_viewer())
     assert (second.steps.value, second.seed.value, second.limit.value) == (3, 42, 12.5)
+    assert second.guidance.value == pytest.approx(2.0)
     assert second.region.value == "field of view"
 
 

@@ -32,6 +32,10 @@ import torch.nn.functional as F
 
 from .errors import ConditionError, ModelError, OutputExistsError
 from .models.attention import MODALITIES
+
+#: Guidance key for the translation source (image guidance): scale 1 is the plain conditional
+#: model, 0 the model with the source hidden, above 1 extrapolates away from it.
+SOURCE = "source"
 from .models.catalogue import StainCatalogue
 from .models.codec import Codec, build_codec, load_codec, save_codec
 from .models.configs import PREDICTIONS, READOUT_FRACTION, model_config
@@ -295,10 +299,10 @@ class MuPDPipeline:
     def _check_guidance(self, guidance: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
         if guidance is None:
             return None
-        unknown = [k for k in guidance if k not in MODALITIES]
+        unknown = [k for k in guidance if k not in (*MODALITIES, SOURCE)]
         if unknown:
             raise ConditionError(f"guidance for unknown modality {', '.join(map(repr, unknown))}; "
-                                 f"known: {', '.join(MODALITIES)}")
+                                 f"known: {', '.join((*MODALITIES, SOURCE))}")
         bad = [k for k, w in guidance.items() if not math.isfinite(float(w))]
         if bad:
             raise ConditionError(f"guidance scale for {', '.join(bad)} is not a finite number")
@@ -306,6 +310,15 @@ class MuPDPipeline:
 
     def _velocity(self, x: torch.Tensor, t: float, cond: dict[str, Any],
                   guidance: Optional[dict[str, float]]) -> torch.Tensor:
+        if guidance and SOURCE in guidance and cond.get("source") is not None:
+            # image guidance on the source H&E: v = v(source hidden) + w (v(source) - v(source hidden))
+            w, rest = guidance[SOURCE], {k: v for k, v in guidance.items() if k != SOURCE} or None
+            v_on = self._velocity(x, t, cond, rest)
+            if w == 1.0:
+                return v_on
+            hidden = {**cond, "source_present": torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)}
+            v_off = self._velocity(x, t, hidden, rest)
+            return v_off + w * (v_on - v_off)
         present = [m for m in MODALITIES if cond.get(m) is not None]
         b = x.shape[0]
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda")
