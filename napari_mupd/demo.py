@@ -70,6 +70,8 @@ def stain_default_roi(viewer, slide_layer, out_dir: Path) -> list:
     layers = add_results(viewer, [("ROI 1", result)], panel.side_by_side.value)
     for layer in layers:  # one familiar brightfield view on top; the others a click away
         layer.visible = layer.name.startswith(f"IHC-{DEMO_STAINS[0]}")
+        if layer.visible:
+            viewer.layers.selection.active = layer  # its controls (opacity) in the side panel
     print(f"virtual {', '.join(DEMO_STAINS)} on ROI x={x} y={y} {w}x{h} px: {result.n_tiles} tiles in "
           f"{time.perf_counter() - start:.1f} s on {session().current_info.device} "
           f"({session().current_info.model_name}); wrote {result.output_path}")
