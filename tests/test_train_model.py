@@ -163,3 +163,44 @@ def test_train_translate_from_patch_store_skips_held_out(tmp_path, tiny_model):
     assert result.steps == 3
     card = (tmp_path / "run" / "model" / "MODEL_CARD.md").read_text()
     assert "patients C; held out: A" in card and f"{n - 4} tiles, task translate" in card
+
+
+def test_train_translate_to_paired_stain_tiles_from_a_store(tmp_path, tiny_model):
+    """Paired RGB targets (BCI / MIST pairs, registered serial sections) train from a store: the
+    sample's target is the stored IHC tile, pixel-aligned with its H&E source."""
+    import pandas as pd
+    from skimage.data import immunohistochemistry
+
+    from mupd.data.store import PatchStore, write_patch_store
+    from mupd.errors import DataError
+    from mupd.train.config import config_from_dict
+    from mupd.train.run import train
+    from mupd.train.store import store_samples
+
+    T = 32
+    ihc = immunohistochemistry()
+    tiles = np.stack([ihc[y:y + T, x:x + T] for y in range(0, 128, T) for x in range(0, 128, T)])
+    paired = np.ascontiguousarray(255 - tiles)  # any pixel-aligned RGB target
+    n = len(tiles)
+    manifest = pd.DataFrame({"patient": ["A"] * 4 + ["C"] * (n - 4), "slide": "s", "x": 0, "y": 0,
+                             "mpp": 1.0, "tile_size": T, "source": "skimage"})
+    store = write_patch_store(tmp_path / "store", tiles, manifest, targets={"IHC-pair": paired})
+    assert list(PatchStore(store).targets) == ["IHC-pair"]
+    pipeline = MuPDPipeline.from_config_name("tiny", tile_size=T, hidden_size=96, depth=2)
+    pipeline.catalogue.register("IHC-pair", "rgb")
+
+    def config(targets: list[str]):
+        return config_from_dict({
+            "output": str(tmp_path / "run"),
+            "data": {"store": str(store), "task": "translate", "targets": targets, "conditions": [],
+                     "exclude_patients": ["A"]},
+            "optim": {"max_steps": 2, "batch_size": 4}, "checkpoint": {"every": 2}, "log_every": 1})
+
+    samples, _, _ = store_samples(config(["IHC-pair"]), pipeline)
+    assert len(samples) == n - 4
+    first = samples[0]
+    assert first.stain == "IHC-pair" and first.target.dtype == np.uint8 and first.target.shape == (T, T, 3)
+    np.testing.assert_array_equal(first.target, 255 - first.source)
+    with pytest.raises(DataError, match=r"no marker maps or paired stain tiles for \['PD-L1'\]"):
+        store_samples(config(["PD-L1"]), pipeline)
+    assert train(config(["IHC-pair"]), pipeline=pipeline).steps == 2

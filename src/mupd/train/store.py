@@ -18,17 +18,20 @@ from .config import DataSection, TrainConfig
 
 
 class StoreSamples(Sequence[Sample]):
-    """One Sample per (tile, target) pair of the selected rows of a PatchStore."""
+    """One Sample per (tile, target) pair of the selected rows of a PatchStore: a marker map
+    (float, from spot RNA) or a paired stain tile (RGB uint8, pixel-aligned with the H&E)."""
 
     def __init__(self, store: Any, rows: np.ndarray, data: DataSection) -> None:
         self.store, self.rows, self.data = store, rows, data
         self.targets = list(data.targets)
+        # a target is a marker map (from spot RNA) or a paired stain tile (BCI / MIST, registered)
+        self.paired = set(getattr(store, "targets", {}) or {})
         if data.task == "translate":
-            markers = set(getattr(store, "markers", {}) or {})
-            missing = [t for t in self.targets if t not in markers]
+            known = set(getattr(store, "markers", {}) or {}) | self.paired
+            missing = [t for t in self.targets if t not in known]
             if missing:
-                raise DataError(f"patch store {data.store} has no marker maps for {missing} "
-                                f"(it has {sorted(markers) or 'none'})")
+                raise DataError(f"patch store {data.store} has no marker maps or paired stain tiles "
+                                f"for {missing} (it has {sorted(known) or 'none'})")
         if "rna" in data.conditions and getattr(store, "rna", None) is None:
             raise DataError(f"data.conditions asks for rna but patch store {data.store} holds none")
         if "text" in data.conditions and getattr(store, "captions", None) is None:
@@ -45,8 +48,9 @@ class StoreSamples(Sequence[Sample]):
         sample = Sample(target=tile, stain="H&E", name=f"{self.data.store}#{row}")
         if self.data.task == "translate":
             stain = self.targets[target_index]
-            sample = Sample(target=np.asarray(self.store.markers[stain][row], dtype=np.float32),
-                            stain=stain, source=tile, name=sample.name)
+            target = (np.asarray(self.store.targets[stain][row]) if stain in self.paired
+                      else np.asarray(self.store.markers[stain][row], dtype=np.float32))
+            sample = Sample(target=target, stain=stain, source=tile, name=sample.name)
         if "text" in self.data.conditions:
             sample.text = self.store.captions[row] or None
         if "rna" in self.data.conditions:
