@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit,
-                              PushButton, RadioButtons, SpinBox)
+                              RadioButtons, SpinBox)
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.utils.notifications import show_info
@@ -28,7 +28,7 @@ from mupd.progress import ProgressEvent
 from . import _settings
 from ._regions import is_slide_layer
 from ._session import session
-from ._tasks import EngineTask, notify_error
+from ._tasks import EngineTask, RunCancel, notify_error
 
 FOLDER, LAYERS = "folder", "open layers"
 POLL_S = 0.5
@@ -111,13 +111,13 @@ class FinetunePanel(QWidget):
         self.lr.native.setDecimals(7)
         self.output = LineEdit(label="output folder", value="",
                                tooltip="a new folder (default: in the user cache, named after the base)")
-        self.start_button = PushButton(text="Start fine-tuning")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.buttons = RunCancel("Start fine-tuning")
+        self.start_button, self.cancel_button = self.buttons.run, self.buttons.cancel
         self.status = Label(value="")
         self.form = Container(widgets=[
             self.source_kind, self.folder, self.source_layer, self.target_layer, self.stain, self.base,
             self.method, self.steps, self.lr, self.output,
-            Container(widgets=[self.start_button, self.cancel_button], layout="horizontal", labels=False),
+            self.buttons,
             self.status])
         self.figure = Figure(figsize=(4, 2.2), tight_layout=True)
         self.axes = self.figure.add_subplot()
@@ -230,10 +230,10 @@ class FinetunePanel(QWidget):
             session().refresh_models()
             return status
 
-        self._busy(True)
+        self.buttons.busy(True)
         self.status.value = f"fine-tuning {Path(request.base_model or '').name} -> {request.output_dir}"
         self.task = EngineTask(call, "Fine-tuning", on_done=self._finished,
-                               on_finished=lambda: self._busy(False), on_progress=self._progress,
+                               on_finished=lambda: self.buttons.busy(False), on_progress=self._progress,
                                on_error=lambda e: setattr(self.status, "value", f"stopped: {e}"))
         return self.task.start()
 
@@ -247,7 +247,3 @@ class FinetunePanel(QWidget):
         self.status.value = f"done: {status.result_path}"
         show_info(f"fine-tuned model saved to {status.result_path}; it is now listed in the Engine panel")
         session().models_changed.emit()
-
-    def _busy(self, busy: bool) -> None:
-        self.start_button.enabled = not busy
-        self.cancel_button.enabled = busy

@@ -12,19 +12,19 @@ from typing import Any, Optional
 
 import numpy as np
 from magicgui.widgets import (CheckBox, Container, FileEdit, FloatSlider, Label, LineEdit,
-                              PushButton, SpinBox)
+                              SpinBox)
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
+from mupd.commands.generate import mosaic
 from mupd.engine.api import EngineInfo, GenerateRequest, GenerateResult
 from mupd.errors import ConditionError, MuPDError
 
 from . import _settings
-from ._regions import is_slide_layer, selected_polygons
-from ._results import mosaic
+from ._regions import is_slide_layer, roi_shapes, selected_polygons
 from ._session import session
-from ._tasks import EngineTask, ensure_engine, notify_error
+from ._tasks import EngineTask, RunCancel, ensure_engine, notify_error
 
 USED, MISSING, EDITED = "used", "missing: masked", "edited"
 RNA_FILTER = "*.csv *.tsv *.txt *.h5ad"
@@ -86,14 +86,13 @@ class GeneratePanel(QWidget):
         self.samples = SpinBox(label="samples", min=1, max=64, value=4)
         self.steps = SpinBox(label="steps", min=1, max=200, value=20)
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0)
-        self.run_button = PushButton(text="Generate")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.buttons = RunCancel("Generate")
+        self.run_button, self.cancel_button = self.buttons.run, self.buttons.cancel
         self.status = Label(value="")
         top = Container(widgets=[self.prompt, self.rna_file, self.normalized, self.rna_summary])
         bottom = Container(widgets=[
             self.text_scale, self.rna_scale, self.reference_scale, self.use_reference, self.samples,
-            self.steps, self.seed, Container(widgets=[self.run_button, self.cancel_button],
-                                             layout="horizontal", labels=False), self.status])
+            self.steps, self.seed, self.buttons, self.status])
         layout = QVBoxLayout(self)
         layout.addWidget(top.native)
         layout.addWidget(self.table)
@@ -204,8 +203,7 @@ class GeneratePanel(QWidget):
         slide = next((l for l in self.viewer.layers if is_slide_layer(l)), None)
         if slide is None:
             raise ConditionError("'use selected region as reference' needs an open slide")
-        shapes = next((l for l in reversed(self.viewer.layers) if l._type_string == "shapes"), None)
-        return slide, selected_polygons(shapes, slide)[0]
+        return slide, selected_polygons(roi_shapes(self.viewer), slide)[0]
 
     def run(self) -> Optional[EngineTask]:
         try:
@@ -221,10 +219,10 @@ class GeneratePanel(QWidget):
                 request.reference = reference_tile(*reference, engine.info())
             return engine.generate(request, progress, cancel)
 
-        self._busy(True)
+        self.buttons.busy(True)
         self.status.value = f"generating {request.num_images} tile(s)..."
         self.task = EngineTask(call, "Generating H&E", on_done=lambda r: self.add_grid(r, request),
-                               on_finished=lambda: self._busy(False),
+                               on_finished=lambda: self.buttons.busy(False),
                                on_error=lambda e: setattr(self.status, "value", "failed")).start()
         return self.task
 
@@ -235,7 +233,7 @@ class GeneratePanel(QWidget):
         right = float(self.viewer.layers.extent.world[1][-1]) if len(self.viewer.layers) else 0.0
         label = request.text or (Path(str(self.rna_file.value)).name if request.rna else "unconditional")
         layer = self.viewer.add_image(
-            mosaic(result.images), name=f"MuPD generated: {label}", rgb=True, scale=(mpp, mpp),
+            mosaic(result.images, gap=4), name=f"MuPD generated: {label}", rgb=True, scale=(mpp, mpp),
             translate=(0.0, right + 50 * mpp), units=("um", "um"),
             metadata={"mupd_generated": True, "prompt": request.text, "seed": request.seed,
                       "steps": request.steps, "guidance": request.guidance,
@@ -244,7 +242,3 @@ class GeneratePanel(QWidget):
         if result.missing_genes:
             show_info(f"{len(result.missing_genes)} panel genes were missing from the profile and masked")
         return layer
-
-    def _busy(self, busy: bool) -> None:
-        self.run_button.enabled = not busy
-        self.cancel_button.enabled = busy

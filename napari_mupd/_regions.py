@@ -23,8 +23,16 @@ def is_slide_layer(layer: Any) -> bool:
 
 def slide_size(layer: Any) -> tuple[int, int]:
     """(width, height) of level 0."""
-    h, w = layer.metadata["level_dimensions"][0][1], layer.metadata["level_dimensions"][0][0]
+    w, h = layer.metadata["level_dimensions"][0]
     return int(w), int(h)
+
+
+def roi_shapes(viewer: Any) -> Any:
+    """The Shapes layer holding the user's regions: the active one, else the top-most (or None)."""
+    active = viewer.layers.selection.active
+    if active is not None and active._type_string == "shapes":
+        return active
+    return next((l for l in reversed(viewer.layers) if l._type_string == "shapes"), None)
 
 
 def slide_mpp(layer: Any) -> Optional[float]:

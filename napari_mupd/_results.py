@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -51,15 +51,3 @@ def set_rgb_opacity(layers: Iterable[Any], opacity: float) -> None:
     for layer in layers:
         if layer.rgb:
             layer.opacity = opacity
-
-
-def mosaic(images: np.ndarray, columns: Optional[int] = None, gap: int = 4) -> np.ndarray:
-    """(N, H, W, 3) tiles -> one grid image with white gaps, row-major."""
-    n, h, w = images.shape[:3]
-    cols = columns or int(np.ceil(np.sqrt(n)))
-    rows = -(-n // cols)
-    grid = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, np.uint8)
-    for i, tile in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = tile
-    return grid

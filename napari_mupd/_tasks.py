@@ -12,6 +12,7 @@ import queue
 import threading
 from typing import Any, Callable, Iterator, Optional
 
+from magicgui.widgets import Container, PushButton
 from napari.qt.threading import thread_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
@@ -114,6 +115,19 @@ class EngineTask:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class RunCancel(Container):
+    """The Run / Cancel pair of a panel: Run is off and Cancel on while the panel's task runs."""
+
+    def __init__(self, text: str) -> None:
+        self.run = PushButton(text=text)
+        self.cancel = PushButton(text="Cancel", enabled=False)
+        super().__init__(widgets=[self.run, self.cancel], layout="horizontal", labels=False)
+
+    def busy(self, on: bool) -> None:
+        self.run.enabled = not on
+        self.cancel.enabled = on
 
 
 _loading: list[EngineTask] = []

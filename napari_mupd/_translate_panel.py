@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSlider, FloatSpinBox, Label,
-                              PushButton, RadioButtons, Select, SpinBox)
+                              RadioButtons, Select, SpinBox)
 from napari.layers import Layer
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QVBoxLayout, QWidget
@@ -18,11 +18,11 @@ from mupd.engine.api import EngineInfo, TranslateRequest, TranslateResult
 from mupd.errors import ConditionError, MuPDError, RegionError
 
 from . import _settings
-from ._regions import (Polygon, area_mm2, check_inside, is_slide_layer, selected_polygons,
-                       slide_mpp, view_polygon)
+from ._regions import (Polygon, area_mm2, check_inside, is_slide_layer, roi_shapes,
+                       selected_polygons, slide_mpp, view_polygon)
 from ._results import IHC_OPACITY, arrange, result_layers, set_rgb_opacity, stain_layer_data
 from ._session import session
-from ._tasks import EngineTask, ensure_engine, notify_error
+from ._tasks import EngineTask, RunCancel, ensure_engine, notify_error
 
 #: Seconds per mm² of tissue before this engine has measured its own rate (whole HER2ST section
 #: C2 on the 2-core CPU dev machine: 232 s for ~44 mm², rounded up; see docs/slides.md).
@@ -82,15 +82,14 @@ class TranslatePanel(QWidget):
                                   tooltip="larger regions are refused with an estimated time")
         self.side_by_side = CheckBox(text="side by side (off: overlay)", value=False)
         self.opacity = FloatSlider(label="IHC opacity", min=0.0, max=1.0, value=IHC_OPACITY)
-        self.run_button = PushButton(text="Translate")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.buttons = RunCancel("Translate")
+        self.run_button, self.cancel_button = self.buttons.run, self.buttons.cancel
         self.status = Label(value="")
         self.form = Container(widgets=[
             self.source, self.stains, self.region, self.steps, self.seed, self.guidance, self.render,
             self.user_mpp,
             self.limit,
-            self.side_by_side, self.opacity, Container(widgets=[self.run_button, self.cancel_button],
-                                                       layout="horizontal", labels=False),
+            self.side_by_side, self.opacity, self.buttons,
             self.status])
         layout = QVBoxLayout(self)
         layout.addWidget(self.form.native)
@@ -133,13 +132,10 @@ class TranslatePanel(QWidget):
     def regions(self, slide_layer: Any) -> list[tuple[str, Polygon]]:
         if self.region.value == FIELD_OF_VIEW:
             return [("view", view_polygon(self.viewer, slide_layer))]
-        shapes = self.viewer.layers.selection.active
-        if shapes is None or shapes._type_string != "shapes":
-            shapes = next((l for l in reversed(self.viewer.layers) if l._type_string == "shapes"), None)
-        return [(f"ROI {i + 1}", p) for i, p in enumerate(selected_polygons(shapes, slide_layer))]
+        polygons = selected_polygons(roi_shapes(self.viewer), slide_layer)
+        return [(f"ROI {i + 1}", p) for i, p in enumerate(polygons)]
 
-    def _check_size(self, polygons: list[Polygon], mpp: float) -> None:
-        area = sum(area_mm2(p, mpp) for p in polygons)
+    def _check_size(self, area: float) -> None:
         if area > self.limit.value:
             rate = self._rate()
             raise RegionError(
@@ -163,14 +159,14 @@ class TranslatePanel(QWidget):
                 raise RegionError("no slide is open: open a slide (File > Open) with the napari-mupd reader")
             named = self.regions(slide_layer)  # before any calibration: drawn in the layer's units
             mpp = slide_mpp(slide_layer) or self._calibrate(slide_layer)
-            self._check_size([p for _, p in named], mpp)
+            area = sum(area_mm2(p, mpp) for _, p in named)
+            self._check_size(area)
             requests = translation_requests(slide_layer, [p for _, p in named], list(self.stains.value),
                                             self.steps.value, self.seed.value, self.render.value,
                                             round(self.guidance.value, 2))
         except MuPDError as exc:
             notify_error(exc, "Translate")
             return None
-        area = sum(area_mm2(p, mpp) for _, p in named)
         names = [n for n, _ in named]
 
         def call(progress, cancel) -> list[tuple[str, TranslateResult]]:
@@ -187,10 +183,10 @@ class TranslatePanel(QWidget):
             self.status.value = f"{tiles} tiles, {area:.3f} mm² in {seconds:.1f} s"
             show_info(f"virtual stains added for {', '.join(names)}")
 
-        self._busy(True)
+        self.buttons.busy(True)
         self.status.value = f"translating {area:.3f} mm²..."
         self.task = EngineTask(call, "Virtual staining", on_done=done,
-                               on_finished=lambda: self._busy(False),
+                               on_finished=lambda: self.buttons.busy(False),
                                on_error=lambda e: setattr(self.status, "value", "failed")).start()
         return self.task
 
@@ -213,7 +209,3 @@ class TranslatePanel(QWidget):
         if self.task is not None:
             self.task.cancel()
             self.status.value = "cancelling..."
-
-    def _busy(self, busy: bool) -> None:
-        self.run_button.enabled = not busy
-        self.cancel_button.enabled = busy

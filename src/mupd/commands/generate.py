@@ -43,15 +43,17 @@ def parse_guidance(items: list[str]) -> dict[str, float]:
     return guidance
 
 
-def mosaic(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """Tiles side by side in a near-square grid, white where the grid is not full."""
+def mosaic(images: np.ndarray, columns: int | None = None, gap: int = 0) -> np.ndarray:
+    """Tiles side by side in a near-square grid, white where the grid is not full and in the gaps."""
     n, h, w = images.shape[:3]
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
-    grid = np.full((rows * h, columns * w) + images.shape[3:], 255, dtype=images.dtype)
+    grid = np.full((rows * h + (rows - 1) * gap, columns * w + (columns - 1) * gap) + images.shape[3:],
+                   255, dtype=images.dtype)
     for i, tile in enumerate(images):
         r, c = divmod(i, columns)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = tile
+        y, x = r * (h + gap), c * (w + gap)
+        grid[y : y + h, x : x + w] = tile
     return grid
 
 
