@@ -204,3 +204,47 @@ def test_train_translate_to_paired_stain_tiles_from_a_store(tmp_path, tiny_model
     with pytest.raises(DataError, match=r"no marker maps or paired stain tiles for \['PD-L1'\]"):
         store_samples(config(["PD-L1"]), pipeline)
     assert train(config(["IHC-pair"]), pipeline=pipeline).steps == 2
+
+
+def test_generate_stores_add_captioned_he_tiles_without_held_out_patients(tmp_path):
+    """`data.generate_stores`: H&E tiles of more slides join as generation samples (their
+    captions as text), the held-out patients of every store stay out, and a store of another
+    tile size or a repeated store is refused before training."""
+    import pandas as pd
+    from skimage.data import immunohistochemistry
+
+    from mupd.data.store import write_patch_store
+    from mupd.errors import DataError
+    from mupd.train.config import TrainConfigError, config_from_dict
+    from mupd.train.store import store_samples
+
+    T = 32
+    ihc = immunohistochemistry()
+    tiles = np.stack([ihc[y:y + T, x:x + T] for y in range(0, 128, T) for x in range(0, 128, T)])
+    main = write_patch_store(tmp_path / "main", tiles[:6], pd.DataFrame(
+        {"patient": ["C"] * 6, "slide": "c", "x": 0, "y": 0, "mpp": 1.0, "tile_size": T,
+         "source": "t", "caption": "H&E, breast"}))
+    slides = write_patch_store(tmp_path / "slides", tiles[6:], pd.DataFrame(
+        {"patient": ["CMU"] * 4 + ["B"] * 6, "slide": "w", "x": 0, "y": 0, "mpp": 1.0,
+         "tile_size": T, "source": "wsi-tile", "caption": ["H&E, FFPE section"] * 4 + ["held out"] * 6}))
+    small = write_patch_store(tmp_path / "small", tiles[:2, :16, :16], pd.DataFrame(
+        {"patient": ["D"] * 2, "slide": "s", "x": 0, "y": 0, "mpp": 1.0, "tile_size": 16, "source": "t"}))
+
+    def config(extra: list[str], store: Path = main):
+        return config_from_dict({
+            "output": str(tmp_path / "run"),
+            "data": {"store": str(store), "task": "generate", "conditions": ["text"],
+                     "patients": ["C"], "exclude_patients": ["B"],
+                     "generate_stores": [str(p) for p in extra]},
+            "optim": {"max_steps": 1, "batch_size": 2}})
+
+    samples, description, split = store_samples(config([slides]), None)
+    assert len(samples) == 6 + 4  # patient B's six tiles never read; `patients` filters main only
+    added = [samples[i] for i in range(6, 10)]
+    assert {s.text for s in added} == {"H&E, FFPE section"} and all(s.stain == "H&E" for s in added)
+    np.testing.assert_array_equal(added[0].target, tiles[6])
+    assert "4 tiles, captioned" in description and split == "patients C, CMU; held out: B"
+    with pytest.raises(DataError, match="different tile sizes"):
+        store_samples(config([small]), None)
+    with pytest.raises(TrainConfigError, match="repeats data.store"):
+        config([main])

@@ -43,7 +43,11 @@ class DataSection:
     targets: list[str] = field(default_factory=lambda: ["H&E"])  # stains/markers to learn
     conditions: list[str] = field(default_factory=lambda: ["text", "rna"])
     patients: list[str] = field(default_factory=list)  # train on these only (empty: all allowed)
-    exclude_patients: list[str] = field(default_factory=list)  # held out, never read
+    exclude_patients: list[str] = field(default_factory=list)  # held out, never read (any store)
+    # More patch stores of H&E tiles (e.g. `mupd data slide` of every usable slide), added as
+    # generation samples: text-conditioned where the store has captions, else unconditional.
+    # `patients` selects rows of `store` only; `exclude_patients` applies to these too.
+    generate_stores: list[str] = field(default_factory=list)
     num_workers: int = 0
 
     def check(self) -> None:
@@ -56,6 +60,8 @@ class DataSection:
             raise TrainConfigError(f"data.conditions {bad} unknown; choose from {', '.join(CONDITIONS)}")
         if not self.targets:
             raise TrainConfigError("data.targets is empty: name at least one stain to learn")
+        if self.store in self.generate_stores:
+            raise TrainConfigError(f"data.generate_stores repeats data.store {self.store!r}")
         both = set(self.patients) & set(self.exclude_patients)
         if both:
             raise TrainConfigError(f"patients {sorted(both)} are both included and excluded")

@@ -11,7 +11,7 @@ Layout of `<run>/latents/<key>/`:
                   image count) and the latent shape
     latents.f32   (N, C, h, w) float32, C order, raw (read with a memory map, never unpickled)
     index.npy     (n_samples, 2) int64: each sample's target and source row (-1: no source)
-The key hashes the data's files (relative path, size and mtime of every file of the store or
+The key hashes the data's files (every store the samples come from) (relative path, size and mtime of every file of the store or
 folder), the selection (config data section, tile size, sample count) and every weight of the
 codec (`codec_fingerprint`): a changed store, selection or VAE gives a new key, and the run's
 other caches are removed when a new one is built. An image shared by several samples (the H&E
@@ -134,8 +134,9 @@ def _encode_all(samples: Sequence[Sample], codec: Codec, tmp: Path, device: Any,
     return len(rows), shape
 
 
-def build_latent_cache(samples: Sequence[Sample], codec: Codec, root: Path, data_path: Path,
-                       selection: dict[str, Any], device: Any = "cpu", batch_size: int = 32,
+def build_latent_cache(samples: Sequence[Sample], codec: Codec, root: Path,
+                       data_paths: Sequence[Path], selection: dict[str, Any], device: Any = "cpu",
+                       batch_size: int = 32,
                        progress: Optional[ProgressCallback] = None) -> Path:
     """The cache folder for (samples, codec, data): reused when it exists, else built once.
 
@@ -145,7 +146,8 @@ def build_latent_cache(samples: Sequence[Sample], codec: Codec, root: Path, data
     removed."""
     progress = progress or no_progress
     root = Path(root)
-    identity = {"data": str(Path(data_path).resolve()), "data_fingerprint": data_fingerprint(data_path),
+    identity = {"data": [str(Path(p).resolve()) for p in data_paths],
+                "data_fingerprint": [data_fingerprint(Path(p)) for p in data_paths],
                 "selection": selection, "samples": len(samples), "codec": codec_fingerprint(codec)}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     folder = root / key

@@ -66,7 +66,8 @@ def cached_latents(config: TrainConfig, pipeline: Any, samples: Sequence[Sample]
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()  # the main process builds the cache
     folder = build_latent_cache(samples, codec, Path(config.output) / "latents",
-                                Path(config.data.store), selection, device=accelerator.device,
+                                [Path(config.data.store), *map(Path, config.data.generate_stores)],
+                                selection, device=accelerator.device,
                                 progress=progress if accelerator.is_main_process else None)
     if accelerator.is_main_process:
         accelerator.wait_for_everyone()

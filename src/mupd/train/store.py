@@ -73,25 +73,53 @@ def select_rows(patients: Sequence[str], data: DataSection) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def store_samples(config: TrainConfig, pipeline: Any) -> tuple[StoreSamples, str, str]:
+def store_samples(config: TrainConfig, pipeline: Any) -> tuple[Sequence[Sample], str, str]:
     from ..data.store import PatchStore
 
     data = config.data
     store = PatchStore(data.store)
     rows = select_rows(store.manifest["patient"], data)
     patients = sorted({str(p) for p in np.asarray(store.manifest["patient"])[rows]})
-    split = (f"patients {', '.join(patients)}"
-             + (f"; held out: {', '.join(data.exclude_patients)}" if data.exclude_patients else ""))
     description = (f"Patch store `{data.store}`: {len(rows)} tiles, task {data.task}, "
                    f"conditions {', '.join(data.conditions) or 'none'}.")
     if data.task != "both":
-        return StoreSamples(store, rows, data), description, split
-    generate = dataclasses.replace(data, task="generate", targets=["H&E"])
-    translate = dataclasses.replace(data, task="translate", conditions=[],
-                                    targets=[t for t in data.targets if t != "H&E"])
-    # Balanced: each tile is seen as often for generation as for translation (all markers).
-    gen, trans = StoreSamples(store, rows, generate), StoreSamples(store, rows, translate)
-    return MixedSamples([gen] * len(translate.targets) + [trans]), description, split
+        samples: Sequence[Sample] = StoreSamples(store, rows, data)
+    else:
+        generate = dataclasses.replace(data, task="generate", targets=["H&E"])
+        translate = dataclasses.replace(data, task="translate", conditions=[],
+                                        targets=[t for t in data.targets if t != "H&E"])
+        # Balanced: each tile is seen as often for generation as for translation (all markers).
+        gen, trans = StoreSamples(store, rows, generate), StoreSamples(store, rows, translate)
+        samples = MixedSamples([gen] * len(translate.targets) + [trans])
+    extra = [generation_samples(path, data) for path in data.generate_stores]
+    shapes = {data.store: tuple(store.tiles.shape[1:3]),
+              **{p: tuple(part.store.tiles.shape[1:3]) for p, (part, _) in zip(data.generate_stores, extra)}}
+    if len(set(shapes.values())) > 1:
+        raise DataError(f"patch stores have different tile sizes: {shapes}; train on stores of "
+                        f"one tile size")
+    if extra:
+        samples = MixedSamples([samples] + [part for part, _ in extra])
+        description += " H&E generation tiles added from " + "; ".join(line for _, line in extra) + "."
+        patients = sorted(set(patients) | {p for part, _ in extra
+                                           for p in np.asarray(part.store.manifest["patient"])[part.rows]})
+    split = (f"patients {', '.join(patients)}"
+             + (f"; held out: {', '.join(data.exclude_patients)}" if data.exclude_patients else ""))
+    return samples, description, split
+
+
+def generation_samples(path: str, data: DataSection) -> tuple[StoreSamples, str]:
+    """The H&E tiles of one more store as generation samples (its captions as text when the
+    config conditions on text and the store has them; else unconditional)."""
+    from ..data.store import PatchStore
+
+    store = PatchStore(path)
+    text = "text" in data.conditions and getattr(store, "captions", None) is not None
+    part = DataSection(store=str(path), task="generate", targets=["H&E"],
+                       conditions=["text"] if text else [],
+                       exclude_patients=list(data.exclude_patients))
+    rows = select_rows(store.manifest["patient"], part)
+    return StoreSamples(store, rows, part), (f"`{path}` ({len(rows)} tiles, "
+                                             f"{'captioned' if text else 'unconditional'})")
 
 
 class MixedSamples(Sequence[Sample]):
