@@ -223,3 +223,26 @@ def test_pipeline_loss_from_cached_latents_equals_the_loss_from_pixels(he_store,
     assert torch.isfinite(a) and torch.allclose(a, b, atol=1e-5)
     with pytest.raises(Exception, match="cached training latents of shape"):
         pipe.training_loss({**latents, "target_latents": latents["target_latents"][:, :2]})
+
+
+def test_crop_training_sees_seeded_random_windows_and_refuses_a_bad_crop(he_store, tmp_path):
+    """`--crop`: each tile of a batch is cut to its own random window (seeded by the step's
+    generator, so a resumed run repeats it); a crop the VAE cannot downsample is refused."""
+    from diffusers import AutoencoderKL
+
+    from mupd.train.vae import VAEObjective, train_vae
+
+    _, train_tiles, _ = he_store
+    objective = VAEObjective(AutoencoderKL.from_config(vae_config("tiny")), crop=16)
+    seen: list[torch.Tensor] = []
+    objective.module.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    batch = collate([Sample(target=t, stain="H&E") for t in train_tiles[:4]])
+    for _ in range(2):
+        objective.training_loss(batch, generator=torch.Generator().manual_seed(3))
+    assert seen[0].shape == (4, 3, 16, 16)
+    torch.testing.assert_close(seen[0], seen[1])
+    windows = [(i, y, x) for i in range(4) for y in range(17) for x in range(17)
+               if torch.equal(seen[0][i], batch["target"][i, :, y:y + 16, x:x + 16])]
+    assert len(windows) >= 4 and len({(y, x) for _, y, x in windows}) > 1  # not one fixed window
+    with pytest.raises(DataError, match="--crop 18 is not a multiple"):
+        train_vae([str(he_store[0])], tmp_path / "run", "tiny", crop=18)

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--batch-size", type=int, default=16, help="per process")
     v.add_argument("--lr", type=float, default=1e-4)
     v.add_argument("--kl-weight", type=float, default=1e-6)
+    v.add_argument("--crop", type=int, default=0,
+                   help="train on random crops of this many px (0: whole tiles); cheaper per step")
     v.add_argument("--ema-decay", type=float, default=0.999, help="0: save the last step")
     v.add_argument("--exclude-patients", nargs="*", default=[], help="held-out patients: never read")
     v.add_argument("--patients", nargs="*", default=[], help="train only on these patients")
@@ -87,7 +89,7 @@ def run_train_vae(args: argparse.Namespace) -> int:
     bar = ConsoleProgress()
     try:
         result = train_vae(args.store, args.out, args.config, optim, checkpoint,
-                           kl_weight=args.kl_weight, patients=args.patients,
+                           kl_weight=args.kl_weight, crop=args.crop, patients=args.patients,
                            exclude_patients=args.exclude_patients, resume=args.resume,
                            progress=bar, command=_command_line())
     finally:
