@@ -1,6 +1,6 @@
 """A PNG grid of samples from a model folder, for eyes rather than numbers (docs/samples.png).
 
-Rows: text -> H&E (one row per prompt, the training-caption vocabulary); RNA -> H&E (the real
+Rows: text -> H&E (one row per prompt, the training-caption vocabulary) and unconditional; RNA -> H&E (the real
 tile of a held-out spot, then tiles generated from that spot's raw RNA profile); H&E -> marker
 (held-out source tile, then predicted and measured map per marker). Measured maps are the
 spot's log1p(CPM) of the marker gene divided by the training store's per-marker scale (the
@@ -21,7 +21,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("H&E, breast, HER2-positive carcinoma, HER2-high, immune-poor",
            "H&E, breast, HER2-positive carcinoma, HER2-low, immune-rich",
-           "H&E, breast, HER2-positive carcinoma, HER2-intermediate, moderate immune infiltrate")
+           "H&E, breast, HER2-positive carcinoma, HER2-intermediate, moderate immune infiltrate",
+           "H&E, frozen section, primary tumour",  # slide captions of the all-slides store
+           None)  # unconditional
 MARKERS = ("HER2", "Ki67", "CD45")
 
 
@@ -67,7 +69,9 @@ def main() -> int:
     rows: list[tuple[str, list[tuple[np.ndarray, str]]]] = []
     for prompt in PROMPTS:
         tiles = pipe.generate(text=prompt, num_images=k, steps=args.steps, seed=args.seed)
-        rows.append((f"text: {prompt.split('carcinoma, ')[1]}", [(t, "") for t in tiles]))
+        label = "unconditional" if prompt is None else \
+            f"text: {prompt.split('carcinoma, ')[-1].removeprefix('H&E, ')}"
+        rows.append((label, [(t, "") for t in tiles]))
     for i in rna_spots:
         profile = table.profiles([i])[0]
         tiles = pipe.generate(rna=profile, num_images=k - 1, steps=args.steps, seed=args.seed)
