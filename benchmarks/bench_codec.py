@@ -77,7 +77,6 @@ def main() -> None:
     parser.add_argument("--vae", action="append", default=[], help="local diffusers VAE folder")
     parser.add_argument("--tiles", type=int, default=200, help="tiles, evenly spread over the store")
     args = parser.parse_args()
-    torch.manual_seed(0)
     store = PatchStore(args.store)
     rows = np.unique(np.linspace(0, len(store) - 1, min(args.tiles, len(store))).astype(int))
     tiles = np.stack([np.asarray(store.tiles[int(r)]) for r in rows])

@@ -11,9 +11,9 @@ Layout of `<run>/latents/<key>/`:
                   image count) and the latent shape
     latents.f32   (N, C, h, w) float32, C order, raw (read with a memory map, never unpickled)
     index.npy     (n_samples, 2) int64: each sample's target and source row (-1: no source)
-The key hashes the data's files (every store the samples come from) (relative path, size and mtime of every file of the store or
-folder), the selection (config data section, tile size, sample count) and every weight of the
-codec (`codec_fingerprint`): a changed store, selection or VAE gives a new key, and the run's
+The key hashes the data's files (relative path, size and mtime of every file of every store or
+folder the samples come from), the selection (config data section, tile size, sample count)
+and every weight of the codec (`codec_fingerprint`): a changed store, selection or VAE gives a new key, and the run's
 other caches are removed when a new one is built. An image shared by several samples (the H&E
 tile that is the generation target and the translation source of the same record) is encoded
 once: images are identified by (sample name, stain), so sample names must be unique per image.

@@ -40,6 +40,9 @@ class StoreSamples(Sequence[Sample]):
     def __len__(self) -> int:
         return len(self.rows) * (len(self.targets) if self.data.task == "translate" else 1)
 
+    def patients(self) -> set[str]:
+        return {str(p) for p in np.asarray(self.store.manifest["patient"])[self.rows]}
+
     def __getitem__(self, i: int) -> Sample:  # type: ignore[override]
         row_index, target_index = divmod(i, len(self.targets)) if self.data.task == "translate" \
             else (i, 0)
@@ -91,35 +94,41 @@ def store_samples(config: TrainConfig, pipeline: Any) -> tuple[Sequence[Sample],
         # Balanced: each tile is seen as often for generation as for translation (all markers).
         gen, trans = StoreSamples(store, rows, generate), StoreSamples(store, rows, translate)
         samples = MixedSamples([gen] * len(translate.targets) + [trans])
-    extra = [generation_samples(path, data) for path in data.generate_stores]
-    shapes = {data.store: tuple(store.tiles.shape[1:3]),
-              **{p: tuple(part.store.tiles.shape[1:3]) for p, (part, _) in zip(data.generate_stores, extra)}}
-    if len(set(shapes.values())) > 1:
-        raise DataError(f"patch stores have different tile sizes: {shapes}; train on stores of "
-                        f"one tile size")
+    extra = [he_tiles(path, data.exclude_patients, text="text" in data.conditions)
+             for path in data.generate_stores]
+    check_tile_sizes({data.store: store, **{part.data.store: part.store for part in extra}})
     if extra:
-        samples = MixedSamples([samples] + [part for part, _ in extra])
-        description += " H&E generation tiles added from " + "; ".join(line for _, line in extra) + "."
-        patients = sorted(set(patients) | {p for part, _ in extra
-                                           for p in np.asarray(part.store.manifest["patient"])[part.rows]})
+        samples = MixedSamples([samples, *extra])
+        description += " H&E generation tiles added from " + "; ".join(
+            f"`{part.data.store}` ({len(part.rows)} tiles, "
+            f"{'captioned' if part.data.conditions else 'unconditional'})" for part in extra) + "."
+        patients = sorted(set(patients).union(*(part.patients() for part in extra)))
     split = (f"patients {', '.join(patients)}"
              + (f"; held out: {', '.join(data.exclude_patients)}" if data.exclude_patients else ""))
     return samples, description, split
 
 
-def generation_samples(path: str, data: DataSection) -> tuple[StoreSamples, str]:
-    """The H&E tiles of one more store as generation samples (its captions as text when the
-    config conditions on text and the store has them; else unconditional)."""
+def he_tiles(path: str, exclude_patients: Sequence[str], patients: Sequence[str] = (),
+             text: bool = False) -> StoreSamples:
+    """The H&E tiles of one store's allowed patients as generation samples, with the store's
+    captions as text when `text` and the store has them (else unconditional)."""
     from ..data.store import PatchStore
 
     store = PatchStore(path)
-    text = "text" in data.conditions and getattr(store, "captions", None) is not None
+    captioned = text and getattr(store, "captions", None) is not None
     part = DataSection(store=str(path), task="generate", targets=["H&E"],
-                       conditions=["text"] if text else [],
-                       exclude_patients=list(data.exclude_patients))
-    rows = select_rows(store.manifest["patient"], part)
-    return StoreSamples(store, rows, part), (f"`{path}` ({len(rows)} tiles, "
-                                             f"{'captioned' if text else 'unconditional'})")
+                       conditions=["text"] if captioned else [], patients=list(patients),
+                       exclude_patients=list(exclude_patients))
+    return StoreSamples(store, select_rows(store.manifest["patient"], part), part)
+
+
+def check_tile_sizes(stores: dict[str, Any]) -> None:
+    """Stores trained together (path -> PatchStore) must share one tile size (a batch is one
+    tensor)."""
+    shapes = {path: tuple(store.tiles.shape[1:3]) for path, store in stores.items()}
+    if len(set(shapes.values())) > 1:
+        raise DataError(f"patch stores have different tile sizes: {shapes}; train on stores of "
+                        f"one tile size")
 
 
 class MixedSamples(Sequence[Sample]):

@@ -36,9 +36,9 @@ from ..models.codec import VAECodec, vae_config
 from ..progress import CancelToken, ProgressCallback, ProgressEvent
 from .batches import Sample, image_to_tensor
 from .checkpoint import _fsync_tree
-from .config import CheckpointSection, DataSection, OptimSection
+from .config import CheckpointSection, OptimSection
 from .run import _check_output
-from .store import MixedSamples, StoreSamples, select_rows
+from .store import MixedSamples, check_tile_sizes, he_tiles
 from .trainer import Trainer
 
 VAE_FOLDER = "vae"
@@ -78,7 +78,8 @@ class VAEObjective:
         device = generator.device if generator is not None else "cpu"
         ys = torch.randint(0, height - size + 1, (len(images),), generator=generator, device=device)
         xs = torch.randint(0, width - size + 1, (len(images),), generator=generator, device=device)
-        return torch.stack([im[:, y:y + size, x:x + size] for im, y, x in zip(images, ys.tolist(), xs.tolist())])
+        return torch.stack([im[:, y:y + size, x:x + size]
+                            for im, y, x in zip(images, ys.tolist(), xs.tolist())])
 
     def to(self, device: Any) -> "VAEObjective":
         self.module.to(device)
@@ -97,20 +98,9 @@ def tile_samples(stores: Sequence[str], patients: Sequence[str] = (),
                  exclude_patients: Sequence[str] = ()) -> tuple[Sequence[Sample], list[str]]:
     """The H&E tiles of the allowed patients of every store (one Sample each), and a line per
     store saying how many."""
-    from ..data.store import PatchStore
-
-    parts, lines, shapes = [], [], {}
-    for path in stores:
-        data = DataSection(store=str(path), task="generate", targets=["H&E"], conditions=[],
-                           patients=list(patients), exclude_patients=list(exclude_patients))
-        store = PatchStore(path)
-        rows = select_rows(store.manifest["patient"], data)
-        shapes[str(path)] = tuple(store.tiles.shape[1:3])
-        parts.append(StoreSamples(store, rows, data))
-        lines.append(f"{path}: {len(rows)} tiles of {len(store)}")
-    if len(set(shapes.values())) > 1:
-        raise DataError(f"patch stores have different tile sizes: {shapes}; train on stores "
-                        f"of one tile size")
+    parts = [he_tiles(path, exclude_patients, patients) for path in stores]
+    check_tile_sizes({part.data.store: part.store for part in parts})
+    lines = [f"{part.data.store}: {len(part.rows)} tiles of {len(part.store)}" for part in parts]
     return (parts[0] if len(parts) == 1 else MixedSamples(parts)), lines
 
 
@@ -183,11 +173,11 @@ def train_vae(stores: Sequence[str], output: str | Path, config: str = "tiny",
     if tile % down:
         raise DataError(f"tiles of {tile} px in {', '.join(stores)} are not a multiple of the "
                         f"VAE config {config!r}'s {down}x downsampling")
-    torch.manual_seed(optim.seed)
-    vae = AutoencoderKL.from_config(settings)
     if crop and crop % down:
         raise DataError(f"--crop {crop} is not a multiple of the VAE config {config!r}'s {down}x "
                         f"downsampling")
+    torch.manual_seed(optim.seed)
+    vae = AutoencoderKL.from_config(settings)
     objective = VAEObjective(vae, kl_weight, crop)
     trainer = Trainer(objective, samples, optim, checkpoint, run_dir, num_workers=num_workers,
                       log_every=log_every, module=objective.module)
@@ -211,7 +201,8 @@ def train_vae(stores: Sequence[str], output: str | Path, config: str = "tiny",
         save_vae(trained, out.vae_dir)
         info = {"command": command or " ".join(sys.argv), "config": config, "stores": lines,
                 "patients": list(patients), "exclude_patients": list(exclude_patients),
-                "kl_weight": kl_weight, "crop": crop or tile, "optim": dataclasses.asdict(optim), "steps": result.steps,
+                "kl_weight": kl_weight, "crop": crop or tile, "optim": dataclasses.asdict(optim),
+                "steps": result.steps,
                 "first_loss": result.first_loss, "final_loss": result.final_loss,
                 "scaling_factor": out.scaling_factor, "shift_factor": out.shift_factor,
                 "parameters": params, "seconds_per_step_last_run": per_step,
