@@ -125,3 +125,31 @@ def test_source_guidance_is_image_cfg_on_the_translation_source():
     assert linear.mean() > 0.999, linear.mean()  # a few pixels touch the codec's clipping
     with pytest.raises(Exception, match="unknown modality 'sauce'"):
         pipe.translate(tiles, ["Ki67"], guidance={"sauce": 2.0})
+
+
+def test_marker_loss_counts_only_measured_pixels():
+    """A marker map is measured inside spot footprints only: with `target_valid`, what the map
+    holds outside them does not change the loss, an all-True mask is the plain loss, and a
+    tile whose marker was never measured adds nothing."""
+    pipe = small(prediction="x0", readout_fraction=1.0)
+    rng = np.random.default_rng(0)
+    source = torch.from_numpy(rng.uniform(-1, 1, (4, 3, T, T)).astype(np.float32))
+    target = grey([0.2, -0.4, 0.6, 0.0]).clone()
+    valid = torch.zeros(4, 1, T, T)
+    valid[:, :, 8:24, 8:24] = 1  # the footprint: whole 4 px codec cells
+    valid[3] = 0  # never measured
+
+    def loss(target, valid=None):
+        batch = {"target": target, "stain": ["Ki67"] * 4, "source": source}
+        if valid is not None:
+            batch["target_valid"] = valid
+        return pipe.training_loss(batch, generator=torch.Generator().manual_seed(5)).item()
+
+    outside = target.clone()
+    outside[..., :8, :] = 1.0  # change the map outside the footprint only
+    outside[3] = -1.0
+    assert loss(target, valid) == pytest.approx(loss(outside, valid), rel=1e-6)
+    assert loss(target) != pytest.approx(loss(outside), rel=1e-3)  # unmasked, it does change
+    assert loss(target, torch.ones(4, 1, T, T)) == pytest.approx(loss(target), rel=1e-6)
+    with pytest.raises(Exception, match="target mask of shape"):
+        loss(target, torch.ones(4, 1, T // 2, T // 2))

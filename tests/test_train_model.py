@@ -137,8 +137,10 @@ def test_train_translate_from_patch_store_skips_held_out(tmp_path, tiny_model):
     from skimage.data import immunohistochemistry
 
     from mupd.data.store import write_patch_store
+    from mupd.train.batches import collate
     from mupd.train.config import config_from_dict
     from mupd.train.run import train
+    from mupd.train.store import store_samples
 
     T = 32
     image = immunohistochemistry()
@@ -149,17 +151,28 @@ def test_train_translate_from_patch_store_skips_held_out(tmp_path, tiny_model):
                              "mpp": 1.0, "tile_size": T, "source": "skimage"})
     genes = ["ERBB2", "ESR1", "MKI67"]
     rna = np.random.default_rng(0).poisson(5, (n, 3)).astype(np.float32)
+    valid = np.zeros((n, T, T), bool)
+    valid[:, :, : T // 2] = True  # measured on the left half only (a spot footprint stand-in)
     store = write_patch_store(tmp_path / "store", tiles, manifest,
-                              markers={"HER2": dab.astype(np.float32)}, rna=rna, genes=genes,
-                              rna_normalized=False)
+                              markers={"HER2": dab.astype(np.float32)}, marker_valid={"HER2": valid},
+                              rna=rna, genes=genes, rna_normalized=False)
     torch.manual_seed(0)
     pipeline = MuPDPipeline.from_config_name("tiny", tile_size=T, hidden_size=96, depth=2)
-    config = config_from_dict({
-        "output": str(tmp_path / "run"),
-        "data": {"store": str(store), "task": "translate", "targets": ["HER2"],
-                 "conditions": ["rna"], "exclude_patients": ["A"]},
-        "optim": {"max_steps": 3, "batch_size": 4}, "checkpoint": {"every": 3}, "log_every": 1})
-    result = train(config, pipeline=pipeline)
+
+    def config(task: str):
+        return config_from_dict({
+            "output": str(tmp_path / "run"),
+            "data": {"store": str(store), "task": task, "targets": ["HER2"],
+                     "conditions": ["rna"], "exclude_patients": ["A"]},
+            "optim": {"max_steps": 3, "batch_size": 4}, "checkpoint": {"every": 3}, "log_every": 1})
+
+    # the loss sees where the marker was measured; generation samples count everywhere
+    mixed, _, _ = store_samples(config("both"), pipeline)
+    batch = collate([mixed[0], mixed[len(mixed) - 1]], pipeline.rna_tokenizer)
+    assert batch["stain"] == ["H&E", "HER2"] and batch["target_valid"].shape == (2, 1, T, T)
+    assert float(batch["target_valid"][0].min()) == 1.0
+    np.testing.assert_array_equal(batch["target_valid"][1, 0].numpy(), valid[-1])
+    result = train(config("translate"), pipeline=pipeline)
     assert result.steps == 3
     card = (tmp_path / "run" / "model" / "MODEL_CARD.md").read_text()
     assert "patients C; held out: A" in card and f"{n - 4} tiles, task translate" in card

@@ -252,7 +252,8 @@ class MuPDPipeline:
         optional "source" (B, 3, H, W) or "source_latents", + optional "source_present" (B,) bool
         (a batch mixing tasks);
         "text" list[str | None]; "rna_values" (B, G) + "rna_mask" (B, G) bool;
-        "reference" (B, 3, H, W) + optional "reference_present" (B,) bool."""
+        "reference" (B, 3, H, W) + optional "reference_present" (B,) bool;
+        optional "target_valid" (B, 1, H, W) in [0, 1]: where the target counts in the loss."""
         model = model if model is not None else self.transformer
         device = self.device
         x0 = self._training_latents(batch)
@@ -293,7 +294,16 @@ class MuPDPipeline:
         tt = t[:, None, None, None]
         xt = (1 - tt) * x0 + tt * noise
         pred = self._as_velocity(model(xt, t, **self._model_kwargs(cond)), xt, t)
-        return F.mse_loss(pred.float(), (noise - x0).float())
+        error = (pred.float() - (noise - x0).float()) ** 2
+        if batch.get("target_valid") is None:
+            return error.mean()
+        # A latent cell weighs the fraction of its pixels that were measured: the values a
+        # marker map interpolates between spot footprints are not a training signal.
+        weight = F.avg_pool2d(batch["target_valid"].to(device).float(), self.codec.downsample)
+        if weight.shape[-2:] != error.shape[-2:]:
+            raise ConditionError(f"target mask of shape {tuple(batch['target_valid'].shape)} "
+                                 f"does not match targets of latent shape {tuple(x0.shape)}")
+        return (error * weight).sum() / (weight.sum() * error.shape[1]).clamp_min(1e-8)
 
     # -- sampling -------------------------------------------------------------------------
     def _check_guidance(self, guidance: Optional[dict[str, float]]) -> Optional[dict[str, float]]:

@@ -28,6 +28,8 @@ class Sample:
     name: str = ""  # where it came from, for error messages (and the latent cache's image key)
     latents: Optional[dict[str, np.ndarray]] = None  # cached codec latents (C, h, w) of
     # "target" and, for translation, "source", in place of the pixels (see train/latents.py)
+    target_valid: Optional[np.ndarray] = None  # (H, W) bool: where the target was measured
+    # (a marker map from spot RNA is measured inside spot footprints only); None: everywhere
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -75,6 +77,18 @@ def _latents(samples: Sequence[Sample], names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _validity(samples: Sequence[Sample], names: Sequence[str]) -> torch.Tensor:
+    """(B, 1, H, W) float: 1 where the target counts in the loss (all of a sample without a mask)."""
+    shapes = {s.target_valid.shape for s in samples if s.target_valid is not None}
+    if len(shapes) > 1:
+        raise DataError(f"target masks of different sizes {sorted(shapes)} in one batch "
+                        f"({', '.join(names)})")
+    shape = shapes.pop()
+    return torch.stack([torch.from_numpy(np.array(
+        s.target_valid if s.target_valid is not None else np.ones(shape, bool), dtype=np.float32))
+        for s in samples])[:, None]
+
+
 def collate(samples: Sequence[Sample], rna_tokenizer: Any = None) -> dict[str, Any]:
     """The pipeline's training batch: pixels ("target", "source") or, for samples from the latent
     cache, latents ("target_latents", "source_latents"); samples without a source get a zero one,
@@ -85,6 +99,8 @@ def collate(samples: Sequence[Sample], rna_tokenizer: Any = None) -> dict[str, A
         raise DataError(f"a batch mixes cached latents and pixels ({', '.join(names)})")
     batch: dict[str, Any] = _latents(samples, names) if all(cached) else _images(samples, names)
     batch["stain"] = [s.stain for s in samples]
+    if any(s.target_valid is not None for s in samples):
+        batch["target_valid"] = _validity(samples, names)
     with_source = [s.source is not None or bool(s.latents and "source" in s.latents)
                    for s in samples]
     if any(with_source) and not all(with_source):  # multi-task batch: which samples have one

@@ -51,9 +51,12 @@ class StoreSamples(Sequence[Sample]):
         sample = Sample(target=tile, stain="H&E", name=f"{self.data.store}#{row}")
         if self.data.task == "translate":
             stain = self.targets[target_index]
-            target = (np.asarray(self.store.targets[stain][row]) if stain in self.paired
-                      else np.asarray(self.store.markers[stain][row], dtype=np.float32))
-            sample = Sample(target=target, stain=stain, source=tile, name=sample.name)
+            sample = Sample(target=None, stain=stain, source=tile, name=sample.name)
+            if stain in self.paired:
+                sample.target = np.asarray(self.store.targets[stain][row])
+            else:  # a marker map counts only where a spot measured it
+                sample.target = np.asarray(self.store.markers[stain][row], dtype=np.float32)
+                sample.target_valid = np.asarray(self.store.marker_valid[stain][row], dtype=bool)
         if "text" in self.data.conditions:
             sample.text = self.store.captions[row] or None
         if "rna" in self.data.conditions:
