@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,18 @@ def test_cli_reports_bad_config_cleanly(tmp_path, capsys):
     path.write_text("output: [unclosed")
     assert main(["train", "--config", str(path)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "resources" / "configs")
+                                          .glob("*.yaml")), ids=lambda p: p.name)
+def test_committed_recipes_load_and_name_local_files(recipe):
+    """Every recipe in resources/configs passes the config checks, and a VAE codec it names
+    is a folder of the checkout (no hub id)."""
+    from mupd.models.codec import build_codec
+
+    config = load_config(recipe)
+    codec = config.model.overrides.get("codec")
+    if codec and codec.get("path"):
+        folder = Path(__file__).parents[1] / codec["path"]
+        assert folder.is_dir(), f"{recipe.name}: codec folder {folder} is missing"
+        assert build_codec({**codec, "path": str(folder)}).latent_channels == 4
