@@ -66,8 +66,8 @@ def measure(config: str, batch: int, steps: int, precision: str, compile: bool,
     overrides = {"codec": {"type": "vae", "path": str(VAE_TINY)}} if vae else {}
     pipeline = MuPDPipeline.from_config_name(config, **overrides)
     samples = real_samples(int(pipeline.tile_size), max(4 * batch, 8))
-    cache = tempfile.TemporaryDirectory()
-    if vae == "cached":  # what `mupd train` does before the loop: encode every tile once
+    cache = tempfile.TemporaryDirectory() if vae == "cached" else None
+    if cache is not None:  # what `mupd train` does before the loop: encode every tile once
         folder = build_latent_cache(samples, pipeline.codec, Path(cache.name), [VAE_TINY],
                                     {"bench": config})
         samples = LatentSamples(samples, folder)
@@ -82,8 +82,10 @@ def measure(config: str, batch: int, steps: int, precision: str, compile: bool,
         trainer.fit(progress=lambda e: stamps.append(time.perf_counter()))
     warm = 2 if compile else 1  # the first steps pay for compilation / allocation
     rate = (len(stamps) - warm) * batch / (stamps[-1] - stamps[warm - 1])
-    cache.cleanup()
-    row = {"config": config + (f" + vae-tiny, latents {vae}" if vae else ""), "device": device, "precision": precision, "compile": compile,
+    if cache is not None:
+        cache.cleanup()
+    row = {"config": config + (f" + vae-tiny, latents {vae}" if vae else ""), "device": device,
+           "precision": precision, "compile": compile,
            "tile": int(pipeline.tile_size), "batch": batch, "params_M": params / 1e6,
            "samples_s": rate, "mfu": None}
     if flops is not None:

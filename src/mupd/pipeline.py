@@ -260,6 +260,14 @@ class MuPDPipeline:
         b = x0.shape[0]
         if len(batch["stain"]) != b:
             raise ConditionError(f"{len(batch['stain'])} stain names for {b} targets")
+        weight = None
+        if batch.get("target_valid") is not None:
+            # A latent cell weighs the fraction of its pixels that were measured: the values a
+            # marker map interpolates between spot footprints are not a training signal.
+            weight = F.avg_pool2d(batch["target_valid"].to(device).float(), self.codec.downsample)
+            if weight.shape[0] != b or weight.shape[-2:] != x0.shape[-2:]:
+                raise ConditionError(f"target mask of shape {tuple(batch['target_valid'].shape)} "
+                                     f"does not match targets of latent shape {tuple(x0.shape)}")
         gen_device = generator.device if generator is not None else device
 
         def draw(shape: tuple[int, ...], normal: bool) -> torch.Tensor:
@@ -295,14 +303,8 @@ class MuPDPipeline:
         xt = (1 - tt) * x0 + tt * noise
         pred = self._as_velocity(model(xt, t, **self._model_kwargs(cond)), xt, t)
         error = (pred.float() - (noise - x0).float()) ** 2
-        if batch.get("target_valid") is None:
+        if weight is None:
             return error.mean()
-        # A latent cell weighs the fraction of its pixels that were measured: the values a
-        # marker map interpolates between spot footprints are not a training signal.
-        weight = F.avg_pool2d(batch["target_valid"].to(device).float(), self.codec.downsample)
-        if weight.shape[-2:] != error.shape[-2:]:
-            raise ConditionError(f"target mask of shape {tuple(batch['target_valid'].shape)} "
-                                 f"does not match targets of latent shape {tuple(x0.shape)}")
         return (error * weight).sum() / (weight.sum() * error.shape[1]).clamp_min(1e-8)
 
     # -- sampling -------------------------------------------------------------------------
