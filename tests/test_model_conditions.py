@@ -14,6 +14,9 @@ from mupd.models.catalogue import StainCatalogue
 from mupd.models.codec import PixelCodec, VAECodec, build_codec, load_codec, save_codec
 from mupd.models.rna import MissingGenesWarning, RNATokenizer
 from mupd.models.text import TextEncoder, default_encoder_dir
+from mupd.paths import RESOURCES
+
+BUNDLED_VAE = RESOURCES / "models" / "vae-tiny"
 
 
 # -- catalogue -----------------------------------------------------------------------------
@@ -182,3 +185,39 @@ def test_marker_maps_round_trip_through_the_pixel_codec_as_grey_images():
         warnings.simplefilter("error")
         rgb = pipe._decode(latents, "rgb")
     assert rgb.shape == (2, 16, 16, 3) and rgb.dtype == np.uint8
+
+
+def test_area_marker_codec_keeps_the_marker_levels_the_h_and_e_vae_erases(tmp_path):
+    """`marker_codec: area`: marker maps skip the VAE (vae-tiny decodes uniform grey 0.0-0.3 all
+    as ~0.41), images still go through it, one batch may mix both, and the choice is saved."""
+    from mupd.models.codec import encode_targets
+    from mupd.pipeline import MuPDPipeline
+
+    vae = {"type": "vae", "path": str(BUNDLED_VAE)}
+    plain = MuPDPipeline.from_config_name("tiny", codec=vae)
+    pipe = MuPDPipeline.from_config_name("tiny", codec=vae, marker_codec="area")
+    assert plain.marker_codec is None and pipe.marker_codec.config() == {
+        "type": "area", "factor": 4, "channels": 4}
+    levels = torch.tensor([0.0, 0.1, 0.3])
+    grey = (levels * 2 - 1)[:, None, None, None].expand(-1, 3, 128, 128)
+    through_vae = plain._decode(plain.codec.encode(grey), "marker").mean(axis=(1, 2))
+    assert np.ptp(through_vae) < 0.1  # the failure this codec exists for, measured on vae-tiny
+    z = pipe.marker_codec.encode(grey)
+    assert z.shape == (3, 4, 32, 32)
+    np.testing.assert_allclose(pipe._decode(z, "marker").mean(axis=(1, 2)), levels, atol=1e-6)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 128), torch.linspace(0, 1, 128), indexing="ij")
+    smooth = (0.3 + 0.2 * torch.sin(3 * yy) * torch.cos(2 * xx))[None]  # spot-scale variation
+    back = pipe._decode(pipe.marker_codec.encode((smooth * 2 - 1)[:, None].expand(-1, 3, -1, -1)),
+                        "marker")
+    assert np.abs(back - smooth.numpy()).max() < 0.01
+    images = torch.cat([grey[:1], torch.rand(1, 3, 128, 128) * 2 - 1])
+    mixed = encode_targets(pipe.codec, pipe.marker_codec, images, [True, False])
+    assert torch.equal(mixed[:1], pipe.marker_codec.encode(images[:1]))
+    torch.testing.assert_close(mixed[1:], pipe.codec.encode(images[1:]), atol=1e-5, rtol=1e-5)
+    assert pipe._decode(mixed[1:], "rgb").shape == (1, 128, 128, 3)  # images: the VAE decodes
+    trained_on = pipe._training_latents({"target": images, "stain": ["HER2", "H&E"]})
+    torch.testing.assert_close(trained_on, mixed)  # the training loss routes by stain kind
+    loaded = MuPDPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "m"))
+    assert loaded.marker_codec is not None and loaded.config["marker_codec"] == "area"
+    with pytest.raises(ModelError, match="marker_codec 'jpeg' unknown"):
+        MuPDPipeline.from_config_name("tiny", marker_codec="jpeg")

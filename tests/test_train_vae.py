@@ -267,3 +267,29 @@ def test_bundled_vae_folder_loads_and_codes_real_he():
     floor = float((x - x.mean(dim=(2, 3), keepdim=True)).abs().mean()) * 127.5
     mae = reconstruction_error(codec, list(tiles))
     assert mae < floor / 2, (mae, floor)
+
+
+def test_latent_cache_codes_marker_maps_through_the_model_marker_codec(tmp_path):
+    """With `marker_codec: area` the cache holds exactly what the pipeline would encode: marker
+    maps (the 2-D targets) by area mean, H&E through the VAE, and the marker codec is in the key."""
+    from mupd.models.codec import AreaCodec
+    from mupd.paths import RESOURCES
+    from mupd.train.latents import LatentSamples, build_latent_cache
+
+    codec = build_codec({"type": "vae", "path": str(RESOURCES / "models" / "vae-tiny")})
+    markers = AreaCodec(codec.downsample, codec.latent_channels)
+    rng = np.random.default_rng(0)
+    he = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    level = np.full((32, 32), 0.2, np.float32)
+    samples = [Sample(target=he, stain="H&E", name="t1"),
+               Sample(target=level, stain="HER2", source=he, name="t1")]
+    folder = build_latent_cache(samples, codec, tmp_path / "a", [tmp_path], {}, markers=markers)
+    plain = build_latent_cache(samples, codec, tmp_path / "b", [tmp_path], {})
+    assert folder.name != plain.name
+    cached = LatentSamples(samples, folder)
+    x = collate([Sample(target=he, stain="H&E")])["target"]
+    torch.testing.assert_close(torch.from_numpy(cached[0].latents["target"]), codec.encode(x)[0],
+                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(cached[1].latents["source"], cached[0].latents["target"])
+    np.testing.assert_allclose(cached[1].latents["target"], np.full((4, 8, 8), -0.6), atol=1e-6)
+    assert np.ptp(LatentSamples(samples, plain)[1].latents["target"]) > 0  # VAE-coded: not flat

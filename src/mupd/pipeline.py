@@ -37,7 +37,7 @@ from .models.attention import MODALITIES
 #: model, 0 the model with the source hidden, above 1 extrapolates away from it.
 SOURCE = "source"
 from .models.catalogue import StainCatalogue
-from .models.codec import Codec, build_codec, load_codec, save_codec
+from .models.codec import Codec, build_codec, encode_targets, load_codec, marker_codec, save_codec
 from .models.configs import PREDICTIONS, READOUT_FRACTION, model_config
 from .models.rna import RNATokenizer
 from .models.text import TextEncoder
@@ -80,6 +80,8 @@ class MuPDPipeline:
         if codec.latent_channels != transformer.config.latent_channels:
             raise ModelError(f"codec gives {codec.latent_channels} latent channels, the transformer "
                              f"expects {transformer.config.latent_channels}")
+        # None: the image codec also codes marker targets (every model before `marker_codec`)
+        self.marker_codec = marker_codec(str(config.get("marker_codec", "codec")), codec)
 
     # -- construction and folders ---------------------------------------------------------
     @property
@@ -229,7 +231,11 @@ class MuPDPipeline:
     LATENT_BATCHES = True
 
     def _training_latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The clean latents x0 of a batch: cached ones as given, else the target pixels encoded."""
+        """The clean latents x0 of a batch: cached ones as given, else the target pixels encoded
+        (marker maps through the marker codec, when the model has one)."""
+        n = len(batch["target_latents"] if batch.get("target_latents") is not None else batch["target"])
+        if len(batch["stain"]) != n:
+            raise ConditionError(f"{len(batch['stain'])} stain names for {n} targets")
         if batch.get("target_latents") is not None:
             x0 = batch["target_latents"].to(self.device).float()
             lat = self.tile_size // self.codec.downsample
@@ -242,7 +248,8 @@ class MuPDPipeline:
         if target.ndim != 4 or target.shape[1] != 3 or target.shape[2:] != (self.tile_size,) * 2:
             raise ConditionError(f"training target of shape {tuple(target.shape)}; expected "
                                  f"(B, 3, {self.tile_size}, {self.tile_size})")
-        return self._encode(target)
+        is_marker = [self.catalogue.get(s).kind == "marker" for s in batch["stain"]]
+        return encode_targets(self.codec, self.marker_codec, target.float(), is_marker)
 
     def training_loss(self, batch: dict[str, Any], model: Optional[torch.nn.Module] = None,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -258,8 +265,6 @@ class MuPDPipeline:
         device = self.device
         x0 = self._training_latents(batch)
         b = x0.shape[0]
-        if len(batch["stain"]) != b:
-            raise ConditionError(f"{len(batch['stain'])} stain names for {b} targets")
         weight = None
         if batch.get("target_valid") is not None:
             # A latent cell weighs the fraction of its pixels that were measured: the values a
@@ -381,8 +386,9 @@ class MuPDPipeline:
         return x
 
     def _decode(self, latents: torch.Tensor, kind: str) -> np.ndarray:
+        codec = self.marker_codec if kind == "marker" and self.marker_codec is not None else self.codec
         with torch.no_grad():
-            images = self.codec.decode(latents).float().clamp(-1, 1)
+            images = codec.decode(latents).float().clamp(-1, 1)
         if kind == "marker":
             return ((images.mean(dim=1) + 1) / 2).cpu().numpy().astype(np.float32)
         return ((images + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)

@@ -30,6 +30,9 @@ READOUT_FRACTION = 0.5
 #: a token (48 channels x 2 x 2 = 192 values in `tiny`) is as wide as the transformer, so a
 #: velocity model must carry the noise through that bottleneck; an x0 model does not need to.
 PREDICTIONS = ("velocity", "x0")
+#: How marker targets are coded: "codec" (by the image codec, as grey images) or "area"
+#: (`codec.AreaCodec` beside it, for a VAE trained on H&E, which erases marker levels).
+MARKER_CODECS = ("codec", "area")
 
 #: An SD-style VAE config (8x down, 4 latent channels) for fresh-weight base/xl codecs.
 SD_VAE_CONFIG: dict[str, Any] = {
@@ -59,6 +62,7 @@ class ModelConfig:
     time_shift: float = 1.0  # sampling schedule shift (>1 spends more steps near noise)
     readout_fraction: float = READOUT_FRACTION  # translation samples trained at t = 1
     prediction: str = "velocity"  # "velocity" or "x0" (see PREDICTIONS)
+    marker_codec: str = "codec"  # how marker targets are coded: "codec" or "area" (codec.AreaCodec)
 
 
 CONFIGS: dict[str, ModelConfig] = {
@@ -97,4 +101,7 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     if config["prediction"] not in PREDICTIONS:
         raise ModelError(f"model config prediction {config['prediction']!r} unknown; use "
                          f"{' or '.join(PREDICTIONS)}")
+    if config["marker_codec"] not in MARKER_CODECS:
+        raise ModelError(f"model config marker_codec {config['marker_codec']!r} unknown; use "
+                         f"{' or '.join(MARKER_CODECS)}")
     return config

@@ -13,8 +13,8 @@ Layout of `<run>/latents/<key>/`:
     index.npy     (n_samples, 2) int64: each sample's target and source row (-1: no source)
 The key hashes the data's files (relative path, size and mtime of every file of every store or
 folder the samples come from), the selection (config data section, tile size, sample count)
-and every weight of the codec (`codec_fingerprint`): a changed store, selection or VAE gives a new key, and the run's
-other caches are removed when a new one is built. An image shared by several samples (the H&E
+every weight of the codec (`codec_fingerprint`) and the marker codec, if any: a changed store,
+selection, VAE or marker codec gives a new key, and the run's other caches are removed when a new one is built. An image shared by several samples (the H&E
 tile that is the generation target and the translation source of the same record) is encoded
 once: images are identified by (sample name, stain), so sample names must be unique per image.
 """
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..models.codec import Codec, codec_fingerprint
+from ..models.codec import AreaCodec, Codec, codec_fingerprint, encode_targets
 from ..progress import ProgressCallback, ProgressEvent, no_progress
 from .batches import Sample, image_to_tensor
 
@@ -93,24 +93,27 @@ class LatentSamples(Sequence[Sample]):
         return {**self.__dict__, "_latents": None}
 
 
-def _encode_all(samples: Sequence[Sample], codec: Codec, tmp: Path, device: Any,
-                batch_size: int, progress: ProgressCallback) -> tuple[int, list[int]]:
-    """Encode every distinct image of `samples` into tmp/LATENTS_FILE and tmp/INDEX_FILE."""
+def _encode_all(samples: Sequence[Sample], codec: Codec, markers: Optional[AreaCodec], tmp: Path,
+                device: Any, batch_size: int, progress: ProgressCallback) -> tuple[int, list[int]]:
+    """Encode every distinct image of `samples` into tmp/LATENTS_FILE and tmp/INDEX_FILE
+    (marker maps, the 2-D targets, through `markers` when given)."""
     rows: dict[str, int] = {}
     index = np.full((len(samples), 2), -1, dtype=np.int64)
     pending: list[torch.Tensor] = []
+    is_marker: list[bool] = []
     shape: list[int] = []
 
     with open(tmp / LATENTS_FILE, "wb") as out:
         def flush() -> None:
             if not pending:
                 return
-            with torch.no_grad():
-                z = codec.encode(torch.stack(pending).to(device)).float().cpu().numpy()
+            images = torch.stack(pending).to(device)
+            z = encode_targets(codec, markers, images, is_marker).float().cpu().numpy()
             if not shape:
                 shape.extend(z.shape[1:])
             out.write(np.ascontiguousarray(z, dtype=np.float32).tobytes())
             pending.clear()
+            is_marker.clear()
 
         for i in range(len(samples)):
             sample = samples[i]
@@ -121,6 +124,7 @@ def _encode_all(samples: Sequence[Sample], codec: Codec, tmp: Path, device: Any,
                 if key not in rows:
                     rows[key] = len(rows)
                     pending.append(image_to_tensor(image))
+                    is_marker.append(image.ndim == 2)
                     if len(pending) == batch_size:
                         flush()
                 index[i, slot] = rows[key]
@@ -137,8 +141,10 @@ def _encode_all(samples: Sequence[Sample], codec: Codec, tmp: Path, device: Any,
 def build_latent_cache(samples: Sequence[Sample], codec: Codec, root: Path,
                        data_paths: Sequence[Path], selection: dict[str, Any], device: Any = "cpu",
                        batch_size: int = 32,
-                       progress: Optional[ProgressCallback] = None) -> Path:
+                       progress: Optional[ProgressCallback] = None,
+                       markers: Optional[AreaCodec] = None) -> Path:
     """The cache folder for (samples, codec, data): reused when it exists, else built once.
+    `markers`: the model's marker codec (None: `codec` codes the marker maps too).
 
     `selection`: what picks `samples` out of the data (e.g. the config's data section and tile
     size), part of the key. Built in a hidden temporary folder and renamed into place, so a
@@ -149,6 +155,8 @@ def build_latent_cache(samples: Sequence[Sample], codec: Codec, root: Path,
     identity = {"data": [str(Path(p).resolve()) for p in data_paths],
                 "data_fingerprint": [data_fingerprint(Path(p)) for p in data_paths],
                 "selection": selection, "samples": len(samples), "codec": codec_fingerprint(codec)}
+    if markers is not None:
+        identity["markers"] = markers.config()
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     folder = root / key
     if (folder / CACHE_FILE).is_file():
@@ -159,7 +167,7 @@ def build_latent_cache(samples: Sequence[Sample], codec: Codec, root: Path,
     tmp = root / f".tmp-{key}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    images, shape = _encode_all(samples, codec, tmp, device, batch_size, progress)
+    images, shape = _encode_all(samples, codec, markers, tmp, device, batch_size, progress)
     (tmp / CACHE_FILE).write_text(json.dumps({**identity, "images": images,
                                               "latent_shape": shape}, indent=1))
     os.replace(tmp, folder)

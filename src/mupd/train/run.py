@@ -68,7 +68,8 @@ def cached_latents(config: TrainConfig, pipeline: Any, samples: Sequence[Sample]
     folder = build_latent_cache(samples, codec, Path(config.output) / "latents",
                                 [Path(config.data.store), *map(Path, config.data.generate_stores)],
                                 selection, device=accelerator.device,
-                                progress=progress if accelerator.is_main_process else None)
+                                progress=progress if accelerator.is_main_process else None,
+                                markers=getattr(pipeline, "marker_codec", None))
     if accelerator.is_main_process:
         accelerator.wait_for_everyone()
     return LatentSamples(samples, folder), f"VAE codec, frozen; latents cached once in {folder}"
