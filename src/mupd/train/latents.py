@@ -14,9 +14,10 @@ Layout of `<run>/latents/<key>/`:
 The key hashes the data's files (relative path, size and mtime of every file of every store or
 folder the samples come from), the selection (config data section, tile size, sample count)
 every weight of the codec (`codec_fingerprint`) and the marker codec, if any: a changed store,
-selection, VAE or marker codec gives a new key, and the run's other caches are removed when a new one is built. An image shared by several samples (the H&E
-tile that is the generation target and the translation source of the same record) is encoded
-once: images are identified by (sample name, stain), so sample names must be unique per image.
+selection, VAE or marker codec gives a new key, and the run's other caches are removed when a
+new one is built. An image shared by several samples (the H&E tile that is the generation
+target and the translation source of the same record) is encoded once: images are identified
+by (sample name, stain), so sample names must be unique per image.
 """
 
 from __future__ import annotations
