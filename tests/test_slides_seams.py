@@ -12,9 +12,10 @@ tile-dependent output gives 3.7.
 With the bundled model the statistic is confounded: its output has an 8 px token grid (latents 4x
 down x patch 2) on which every tile border lies, and every other 8 px line set scores as high as
 the borders (1.5-1.6; 2.2 with the earlier pixel-codec model). The tile seam proper is measured
-against those lines, and by the texture of the overlap bands: with independent noise per tile the model's output is mostly that noise (two seeds
-of one tile correlate at r = 0.01), so overlapping predictions disagree and blending them leaves
-smoother bands (0.55 of the tile centres' gradient energy) on a 96 px grid. Tiles therefore cut
+against those lines, and by the texture of the overlap bands: with independent noise per tile
+the model's output is mostly that noise (two seeds of one tile correlate at r = 0.01), so
+overlapping predictions disagree and blending them leaves smoother bands (0.55 of the tile
+centres' gradient energy) on a 96 px grid. Tiles therefore cut
 their starting noise from one field over the region (`translate(positions=...)`).
 """
 
