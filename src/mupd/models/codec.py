@@ -3,9 +3,10 @@
 Two codecs behind one interface (`encode`, `decode`, `latent_channels`, `downsample`):
 - `PixelCodec`: space-to-depth (pixel unshuffle) by `factor`; weight-free and exactly invertible,
   so a tiny model trains on a CPU without first needing a trained VAE.
-- `VAECodec`: any local diffusers `AutoencoderKL` folder (SD, SD3, FLUX style), honouring its
-  `scaling_factor` and `shift_factor`: latents = (z - shift) * scale. Encoding takes the
-  posterior mode, so it is deterministic.
+- `VAECodec`: a local diffusers autoencoder folder, honouring its `scaling_factor` and
+  `shift_factor`: latents = (z - shift) * scale. Either an `AutoencoderKL` (SD, SD3, FLUX
+  style; encoding takes the posterior mode, so it is deterministic) or the pretrained `TAEF2`
+  (`taef2.py`, bundled as `resources/models/taef2`), told apart by the folder's `_class_name`.
 Marker targets are grey images: the map m in [0, 1] becomes 2m - 1 on all three channels, and
 decoding averages the three channels back into one map in [0, 1]. They go through the image codec
 or (model config `marker_codec: area`) through `AreaCodec`, a linear code beside it.
@@ -85,12 +86,14 @@ class VAECodec(torch.nn.Module):
 
     @property
     def downsample(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = getattr(self.vae, "downsample_factor", None)  # TAEF2
+        return int(factor) if factor else 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         dtype = next(self.vae.parameters()).dtype
-        z = self.vae.encode(images.to(dtype)).latent_dist.mode()
+        out = self.vae.encode(images.to(dtype))
+        z = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
         return ((z - self.shift) * self.scale).to(images.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -161,16 +164,32 @@ def encode_targets(codec: Codec, markers: Optional[AreaCodec], images: torch.Ten
     return out
 
 
-def _load_vae(folder: Path) -> Any:
+def _autoencoder_class(folder: Path) -> Any:
+    """The diffusers class a codec folder names (`_class_name` of its config.json)."""
     from diffusers import AutoencoderKL
 
+    from .taef2 import TAEF2
+
+    classes = {"AutoencoderKL": AutoencoderKL, "TAEF2": TAEF2}
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(f"VAE folder {folder}: config.json is not a JSON object ({exc})") from None
+    if name not in classes:
+        raise ModelError(f"VAE folder {folder}: class {name!r} unknown; use one of "
+                         f"{', '.join(classes)}")
+    return classes[name]
+
+
+def _load_vae(folder: Path) -> Any:
     if not (folder / "config.json").is_file():
-        raise ModelError(f"VAE folder {folder} has no config.json (not a diffusers AutoencoderKL)")
+        raise ModelError(f"VAE folder {folder} has no config.json (not a diffusers autoencoder)")
     if not any(folder.glob("*.safetensors")):
         raise ModelError(f"VAE folder {folder} has no .safetensors weights (pickle weights are "
                          f"refused: convert them to safetensors)")
+    cls = _autoencoder_class(folder)
     try:
-        return AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     except Exception as exc:  # diffusers raises many kinds for a broken folder
         raise ModelError(f"cannot load the VAE in {folder}: {exc}") from None
 
