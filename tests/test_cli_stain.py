@@ -92,3 +92,17 @@ def test_slide_without_mpp_asks_for_it(shared_data, model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--mpp" in err and "TCGA-CR-7395" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("steps", ["0", "-5", "100000000"])
+def test_steps_out_of_range_are_refused_while_parsing(tmp_path, capsys, steps):
+    from mupd.engine.api import MAX_STEPS
+
+    with pytest.raises(SystemExit) as exit:  # argparse: before any file or model is touched
+        main(["stain", str(tmp_path / "slide.svs"), "--stains", "Ki67", "--out", str(tmp_path / "out"),
+              "--model", str(tmp_path / "no-model"), "--steps", steps])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"mupd stain: error: argument --steps: {steps} sampling steps: must be "
+                       f"1..{MAX_STEPS}")
+    assert not (tmp_path / "out").exists()

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import struct
+import time
+import tracemalloc
 
+import numpy as np
 import pytest
+import tifffile
 
 from mupd.errors import RegionError, SlideError
 from mupd.io import open_slide
@@ -120,3 +125,46 @@ def test_text_file_named_scn(tmp_path):
     fake.write_text("not a slide\n")
     with pytest.raises(SlideError, match=r"notes\.scn is not a TIFF"):
         open_slide(fake)
+
+
+def _forged_tiff(path, tile: int) -> None:
+    """A few hundred bytes: one real (tile x tile) RGB tile, a header claiming 200000 x 200000 px."""
+    tifffile.imwrite(path, np.zeros((tile, tile, 3), np.uint8), tile=(tile, tile), photometric="rgb",
+                     compression="zlib", metadata=None)
+    with tifffile.TiffFile(path) as tf:
+        offsets = [tf.pages[0].tags[code].valueoffset for code in (256, 257)]  # ImageWidth, ImageLength
+    with open(path, "r+b") as fh:
+        for offset in offsets:
+            fh.seek(offset)
+            fh.write(struct.pack("<I", 200_000))
+    with tifffile.TiffFile(path) as tf:
+        assert tf.pages[0].shape == (200_000, 200_000, 3) and path.stat().st_size < 2000
+
+
+@pytest.mark.parametrize("tile, rule", [(16, r"156250000 chunks"),  # the dask graph alone: ~22 GB
+                                        (256, r"times the file's \d+ bytes")])  # 0.6 M chunks, 120 GB
+def test_forged_huge_tiff_is_refused_before_anything_is_built(tmp_path, tile, rule):
+    path = tmp_path / "forged.tif"
+    _forged_tiff(path, tile)
+    start = time.perf_counter()
+    tracemalloc.start()
+    try:
+        with pytest.raises(SlideError, match=rf"forged\.tif: level 0 declares 200000 x 200000 x 3 .*{rule}"):
+            open_slide(path, mpp=0.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 5 and peak < 50 * 2**20
+
+
+def test_ome_zarr_declaring_absurd_chunks_is_refused(tmp_path):
+    import zarr
+
+    from mupd.io import write_ome_zarr
+
+    path = write_ome_zarr(tmp_path / "small.ome.zarr", np.zeros((64, 64, 3), np.uint8), mpp=0.5)
+    level0 = next(zarr.open_group(str(path), mode="r").array_keys())
+    zarr.create_array(str(path), name=level0, shape=(3, 200_000, 200_000), chunks=(1, 16, 16),
+                      dtype="uint8", overwrite=True)  # metadata only: no chunk is written
+    with pytest.raises(SlideError, match=r"small\.ome\.zarr: level 0 declares 3 x 200000 x 200000 .*chunks"):
+        open_slide(path)

@@ -12,7 +12,7 @@ import torch
 from mupd.errors import ConditionError, ModelError
 from mupd.models.catalogue import StainCatalogue
 from mupd.models.codec import PixelCodec, VAECodec, build_codec, load_codec, save_codec
-from mupd.models.rna import MissingGenesWarning, RNATokenizer
+from mupd.models.rna import MissingGenesWarning, RNATokenizer, profile_from_request, read_profile
 from mupd.models.text import TextEncoder, default_encoder_dir
 from mupd.paths import RESOURCES
 
@@ -96,6 +96,37 @@ def test_bad_expression_is_refused_naming_the_genes():
         tok.align({"ERBB2": 1.0, "PGR": "high"})
     with pytest.raises(ConditionError, match="sums to zero"):
         tok.align({"ERBB2": 0, "ESR1": 0})
+
+
+def test_genes_given_twice_are_refused_naming_them(tmp_path):
+    tok = RNATokenizer(PANEL)
+    with pytest.raises(ConditionError, match=r"more than once.*ERBB2.*Erbb2"):
+        tok.align({"ERBB2": 1.0, "Erbb2": 2.0, "ACTB": 3.0})  # one gene: symbols match in any case
+    (tmp_path / "p.csv").write_text("gene,count\nACTB,7\nERBB2,3\nERBB2,4\n")
+    with pytest.raises(ConditionError, match=r"p\.csv.*more than once.*ERBB2"):
+        read_profile(tmp_path / "p.csv")
+
+
+def test_overflowing_expression_is_refused_not_zeroed():
+    tok = RNATokenizer(PANEL)
+    with pytest.raises(ConditionError, match="sums to more than the largest float"):  # CPMs: all 0
+        tok.align({"ERBB2": 1e308, "ACTB": 1e308})
+    with pytest.raises(ConditionError, match="ERBB2"):  # inf once stored as float32
+        tok.align({"ERBB2": 1e308, "ACTB": 1.0}, normalized=True)
+    with pytest.raises(ConditionError, match="NaN.*ACTB"):
+        read_profile({"ERBB2": 1.0, "ACTB": float("inf")})
+
+
+def test_a_request_profile_is_a_mapping_never_a_path(tmp_path):
+    secret = tmp_path / "secret.tsv"
+    secret.write_text("gene\tvalue\nERBB2\t3\n")  # a readable profile, yet a string is refused
+    for value in (str(secret), secret, ["ERBB2", 3], 3.0):
+        with pytest.raises(ConditionError, match="rna must be a JSON object") as err:
+            profile_from_request(value)
+        assert "ERBB2" not in str(err.value)
+    assert profile_from_request({"ERBB2": 3}) == {"ERBB2": 3.0}
+    with pytest.raises(ConditionError, match="gene ERBB2 is not a number: '3'"):
+        profile_from_request({"ERBB2": "3"})
 
 
 def test_panels_from_files_and_the_builtin_default(tmp_path, shared_data):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 
@@ -11,7 +12,7 @@ import pytest
 from skimage.data import immunohistochemistry
 
 from mupd.engine import wire
-from mupd.engine.api import GenerateRequest, TranslateRequest
+from mupd.engine.api import MAX_STEPS, GenerateRequest, TranslateRequest
 from mupd.engine.remote import AuthError, EngineUnreachableError, RemoteEngine, RemoteError
 from mupd.errors import CancelledError
 from mupd.progress import CancelToken
@@ -164,6 +165,58 @@ def test_oversized_payloads_get_413(server):
                    headers={**server.headers, "Content-Type": wire.NPZ_MEDIA_TYPE},
                    content=wire.encode_generate_request(GenerateRequest(num_images=10_000)))
     assert r.status_code == 413 and "num_images" in r.json()["detail"]
+    assert server.alive()
+
+
+def _generate(server, body: bytes) -> httpx.Response:
+    return httpx.post(f"{server.url}/generate", content=body, timeout=60,
+                      headers={**server.headers, "Content-Type": wire.NPZ_MEDIA_TYPE})
+
+
+def test_rna_must_be_a_gene_mapping_and_is_never_read_as_a_server_file(server, tmp_path):
+    secret = tmp_path / "secret.tsv"  # outside every root of the server
+    secret.write_text("top-secret-first-line\n")
+    details = []
+    for rna in (str(secret), str(tmp_path / "absent.tsv"), ["ERBB2", 1], 3):
+        r = _generate(server, wire.encode_generate_request(GenerateRequest(rna=rna, steps=1, num_images=1)))
+        assert r.status_code in (400, 422), (rna, r.text[:300])
+        detail = r.json()["detail"]
+        assert "rna must be" in detail and "top-secret" not in detail and "does not exist" not in detail
+        details.append(detail)
+    assert details[0] == details[1]  # an existing and a missing file answer alike: nothing to probe
+
+
+@pytest.mark.parametrize("rna, named", [
+    ('{"ERBB2": 3, "ERBB2": 5}', ["ERBB2"]),  # json.loads would keep the last one silently
+    ('{"ERBB2": 3, "Erbb2": 5}', ["ERBB2", "Erbb2"]),  # the same gene: symbols match in any case
+    ('{"ERBB2": NaN, "ACTB": 1}', ["ERBB2"]),
+    ('{"ERBB2": 1e308, "ACTB": 1e308}', ["largest float"]),  # the CPM total overflows: not silent zeros
+])
+def test_duplicate_or_non_finite_rna_is_refused_naming_it(server, rna, named):
+    meta = f'{{"rna": {rna}, "steps": 1, "num_images": 1}}'.encode()
+    buf = io.BytesIO()
+    np.savez(buf, **{wire.META_KEY: np.frombuffer(meta, dtype=np.uint8)})
+    r = _generate(server, buf.getvalue())
+    assert r.status_code in (400, 422), r.text[:300]
+    assert all(name in r.json()["detail"] for name in named), r.json()
+
+
+@pytest.mark.parametrize("steps", [0, -5, 2.5, 10**9])
+def test_steps_are_capped_on_generate_and_translate(server, steps):
+    from PIL import Image
+
+    image = immunohistochemistry()[:64, :64]
+    Image.fromarray(image).save(server.root / "slides" / "steps.png")
+    req = TranslateRequest(slide_path="steps.png", stains=["HER2"], steps=steps, slide_mpp=0.5)
+    answers = [
+        _generate(server, wire.encode_generate_request(GenerateRequest(steps=steps, num_images=1))),
+        httpx.post(f"{server.url}/translate", json=wire.to_json(req), headers=server.headers, timeout=60),
+        httpx.post(f"{server.url}/translate", content=wire.encode_region_upload(req, image, 0.5), timeout=60,
+                   headers={**server.headers, "Content-Type": wire.NPZ_MEDIA_TYPE}),
+    ]
+    for r in answers:
+        assert r.status_code == 422, r.text[:300]
+        assert f"steps={steps!r}" in r.json()["detail"] and f"1..{MAX_STEPS}" in r.json()["detail"]
     assert server.alive()
 
 

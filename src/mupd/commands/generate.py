@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConditionError, OutputExistsError
+from . import steps_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="values are already log-normalised (default: raw counts, CPM + log1p)")
     p.add_argument("--stain", default="H&E")
     p.add_argument("-n", "--num-images", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=steps_arg, default=20)
     p.add_argument("--guidance", nargs="*", default=[], metavar="MODALITY=SCALE",
                    help="per-modality guidance, e.g. text=3 rna=2")
     p.add_argument("--seed", type=int, default=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import RegionError
+from . import steps_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ome-tiff", action="store_true", help="also write a pyramidal OME-TIFF per stain")
     p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     p.add_argument("--mpp", type=float, default=None, help="slide um/px when the file has none")
-    p.add_argument("--steps", type=int, default=1, help="sampling steps (1: one-step readout)")
+    p.add_argument("--steps", type=steps_arg, default=1, help="sampling steps (1: one-step readout)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-render", action="store_true", help="skip the brightfield DAB rendering")
     p.add_argument("--device", default="auto")

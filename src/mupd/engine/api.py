@@ -14,6 +14,10 @@ import numpy as np
 
 from ..progress import CancelToken, ProgressCallback
 
+#: Most sampling steps one request may ask for (`mupd serve`'s `max_steps`, `mupd stain --steps`):
+#: work and memory grow with steps, so an unbounded count lets one request take the host.
+MAX_STEPS = 1000
+
 
 @dataclass
 class EngineInfo:

@@ -32,7 +32,7 @@ from ..errors import CancelledError, ModelError, MuPDError, OutputExistsError
 from ..paths import DEFAULT_MODEL, cache_dir
 from ..progress import CancelToken, ProgressEvent
 from . import wire
-from .api import FinetuneRequest, JobStatus, TranslateRequest
+from .api import MAX_STEPS, FinetuneRequest, JobStatus, TranslateRequest
 from .jobs import JobManager
 from .remote import REQUEST_ID_HEADER, TERMINAL_STATES
 
@@ -71,7 +71,7 @@ class ServerConfig:
     max_request_bytes: int = 256 * 2**20
     max_output_pixels: int = 8192 * 8192  # per translate request, at the model's mpp
     max_images: int = 64
-    max_steps: int = 1000
+    max_steps: int = MAX_STEPS
     max_waiting: int = 32  # inference requests queued for the device
     max_jobs: int = 4  # fine-tune jobs queued or running
 
@@ -438,8 +438,7 @@ def create_app(server: Server, token: str) -> FastAPI:
         req = wire.decode_generate_request(await request.body(), 4 * cfg.max_request_bytes)
         if not 1 <= req.num_images <= cfg.max_images:
             raise TooLarge(f"num_images={req.num_images}: this server generates 1..{cfg.max_images} per request")
-        if not 1 <= req.steps <= cfg.max_steps:
-            raise wire.WireError(f"steps={req.steps}: must be 1..{cfg.max_steps}")
+        _check_steps(req.steps, cfg)
         result = await server.run_on_device(
             request, "generate", lambda p, c: server.engine.generate(req, progress=p, cancel=c))
         return Response(wire.encode_generate_result(result), media_type=wire.NPZ_MEDIA_TYPE)
@@ -473,6 +472,7 @@ def create_app(server: Server, token: str) -> FastAPI:
         else:
             raise wire.WireError(f"POST /translate takes application/json (a slide path) or "
                                  f"{wire.NPZ_MEDIA_TYPE} (an uploaded region), not {kind or 'no type'!r}")
+        _check_steps(req.steps, cfg)
         result = await server.run_on_device(request, f"translate {Path(req.slide_path).name}", work)
         return Response(wire.encode_translate_result(result), media_type=wire.NPZ_MEDIA_TYPE)
 
@@ -517,6 +517,13 @@ def create_app(server: Server, token: str) -> FastAPI:
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
     return app
+
+
+def _check_steps(steps: Any, config: ServerConfig) -> None:
+    """/generate and /translate: a whole number of sampling steps, 1..max_steps (work and memory
+    grow with steps: one request asking for 1e9 would hold the device and the host)."""
+    if type(steps) is not int or not 1 <= steps <= config.max_steps:
+        raise wire.WireError(f"steps={steps!r}: must be a whole number 1..{config.max_steps}")
 
 
 def _check_output(req: TranslateRequest, server: Server, slide: Any) -> None:

@@ -11,11 +11,13 @@ import dataclasses
 import io
 import json
 import zipfile
+from collections import Counter
 from typing import Any, Optional, Sequence, TypeVar
 
 import numpy as np
 
 from ..errors import MuPDError
+from ..models.rna import profile_from_request
 from .api import GenerateRequest, GenerateResult, StainLayer, TranslateRequest, TranslateResult
 
 NPZ_MEDIA_TYPE = "application/x-npz"
@@ -56,6 +58,15 @@ def from_json(cls: type[T], data: Any, what: Optional[str] = None) -> T:
         raise WireError(f"{what}: {exc}") from None
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json.loads would keep the last one silently,
+    e.g. one of two values for a gene)."""
+    twice = [k for k, n in Counter(k for k, _ in pairs).items() if n > 1]
+    if twice:
+        raise WireError(f"a JSON object gives key(s) {', '.join(map(repr, twice))} more than once")
+    return dict(pairs)
+
+
 # -- npz ------------------------------------------------------------------------------------
 def encode_npz(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
     """JSON metadata plus named arrays in one uncompressed npz body."""
@@ -93,7 +104,7 @@ def decode_npz(body: bytes, max_bytes: Optional[int] = None) -> tuple[dict[str, 
     if META_KEY not in arrays:
         raise WireError(f"npz payload lacks its {META_KEY!r} JSON member")
     try:
-        meta = json.loads(arrays.pop(META_KEY).tobytes().decode("utf-8"))
+        meta = json.loads(arrays.pop(META_KEY).tobytes().decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WireError(f"npz {META_KEY!r} member is not UTF-8 JSON: {exc}") from None
     if not isinstance(meta, dict):
@@ -120,6 +131,8 @@ def decode_generate_request(body: bytes, max_bytes: Optional[int] = None) -> Gen
     if "reference" in meta:
         raise WireError("GenerateRequest: send 'reference' as an npz array, not in the JSON")
     req.reference = arrays.get("reference")
+    if req.rna is not None:  # never a file name: that would read the server's files
+        req.rna = profile_from_request(req.rna)
     return req
 
 

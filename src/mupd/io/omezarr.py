@@ -16,7 +16,7 @@ import zarr
 
 from ..errors import SlideError
 from .pyramid import TILE, write_pyramid_atomically
-from .slide import MppLike, Slide
+from .slide import MppLike, Slide, check_level_size
 
 _UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "centimeter": 1e4, "meter": 1e6,
        "angstrom": 1e-4}
@@ -87,11 +87,12 @@ def open_ome_zarr(path: Path, mpp: MppLike = None) -> Slide:
         raise SlideError(f"{path}: multiscales axes {axes} have no y and x")
     select, order = _to_yxc(axes)
     levels, readers = [], []
-    for ds in ms["datasets"]:
+    for i, ds in enumerate(ms["datasets"]):
         try:
             arr = group[ds["path"]]
         except KeyError:
             raise SlideError(f"{path}: pyramid level '{ds['path']}' listed in the metadata is missing") from None
+        check_level_size(path, i, arr.shape, arr.chunks, arr.dtype)  # chunk files: no file size to compare
         levels.append(_dask_yxc(da.from_zarr(arr, chunks=arr.chunks), select, order, axes))
         readers.append(_reader(arr, axes))
     n_channels = int(levels[0].shape[2])

@@ -21,6 +21,36 @@ from ..errors import MuPDError, RegionError, SlideError
 LevelReader = Callable[[int, int, int, int], np.ndarray]
 MppLike = Union[float, tuple[float, float], None]
 
+#: Most chunks (file tiles / strips) one pyramid level may have: its dask graph costs ~150 bytes a
+#: chunk. A 200000 px square slide in 256 px tiles has 0.6 M; a forged 1 kB TIFF, 156 M (22 GB).
+MAX_LEVEL_CHUNKS = 2**22
+#: A file may declare a level of more values (pixels x channels) than this only if its
+#: uncompressed size is less than MAX_EXPANSION times the file's bytes on disk.
+MAX_LEVEL_VALUES = 2**33
+#: Far beyond what JPEG / LZW / deflate tiles of real tissue reach (~10-100x): a forged header.
+MAX_EXPANSION = 10_000
+
+
+def check_level_size(path: Path, level: int, shape: Sequence[int], chunks: Sequence[int],
+                     dtype: np.dtype, file_bytes: Optional[int] = None) -> None:
+    """Refuse a level whose declared size is absurd, from its header alone, before any dask graph
+    or buffer is made for it (a crafted header otherwise takes the host's memory).
+
+    Refused: more than MAX_LEVEL_CHUNKS chunks; or, when `file_bytes` (the file's size) is given,
+    more than MAX_LEVEL_VALUES values that uncompressed would be over MAX_EXPANSION times the file.
+    """
+    n_chunks = math.prod(-(-int(n) // max(1, int(c))) for n, c in zip(shape, chunks))
+    values = math.prod(int(n) for n in shape)
+    raw = values * np.dtype(dtype).itemsize
+    declared = f"{path}: level {level} declares {' x '.join(str(int(n)) for n in shape)} {np.dtype(dtype)}"
+    if n_chunks > MAX_LEVEL_CHUNKS:
+        raise SlideError(f"{declared} in {n_chunks} chunks of {' x '.join(str(int(c)) for c in chunks)}, "
+                         f"more than the {MAX_LEVEL_CHUNKS} a level may have; the file is corrupt or forged")
+    if file_bytes is not None and values > MAX_LEVEL_VALUES and raw > MAX_EXPANSION * file_bytes:
+        raise SlideError(f"{declared}, {raw} bytes uncompressed: {raw // max(1, file_bytes)} times the "
+                         f"file's {file_bytes} bytes, which no real compression reaches; the file is "
+                         "corrupt or forged")
+
 
 def as_mpp_pair(mpp: MppLike, what: str) -> Optional[tuple[float, float]]:
     """(x, y) um/px from a number or a pair; refuses zero, negative and non-finite sizes."""

@@ -22,7 +22,7 @@ import numpy as np
 import tifffile
 
 from ..errors import MuPDError, SlideError
-from .slide import MppLike, Slide
+from .slide import MppLike, Slide, check_level_size
 
 #: Strip-based pages (no tiles) are grouped into dask chunks of about this many rows.
 STRIP_CHUNK_ROWS = 512
@@ -94,14 +94,19 @@ def _build(ts, path: Path, user_mpp: MppLike) -> Slide:
     if composition and axes != "YXS":
         raise SlideError(f"{path}: a {kind} slide of several {axes} regions is not supported (RGB only)")
     group = ts.zarr_group
+    size = os.path.getsize(path)
     levels, readers = [], []
     for i in range(ts.level_count):
         if composition:
+            like = group[f"{next(iter(located))}/{i}"]
+            shape = composition["level_shapes"][i]
+            check_level_size(path, i, shape, like.chunks, like.dtype, size)
             read = _composed_reader(ts, i, located, series.dtype)
-            levels.append(_lazy_level(read, composition["level_shapes"][i], group[f"{next(iter(located))}/{i}"]))
+            levels.append(_lazy_level(read, shape, like))
             readers.append(read)
             continue
         arr = group[str(i)]
+        check_level_size(path, i, arr.shape, arr.chunks, arr.dtype, size)
         levels.append(_as_yxc(da.from_zarr(arr, chunks=arr.chunks), axes))
         readers.append(_reader(ts, i, axes))
 

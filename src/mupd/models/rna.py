@@ -11,8 +11,10 @@ panel genes, one token each; a group with no measured gene is left out of attent
 from __future__ import annotations
 
 import json
+import numbers
 import warnings
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +30,46 @@ class MissingGenesWarning(UserWarning):
     """Some panel genes are absent from a profile (they are masked)."""
 
 
-def _read_h5ad(path: Path) -> dict[str, float]:
+def _list(names: Sequence[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_profile(pairs: Iterable[tuple[Any, Any]], source: str = "RNA profile") -> dict[str, float]:
+    """gene -> value: the one check every profile passes, whatever it came from.
+
+    Each value must be a finite number (NaN / inf would reach the model as garbage) and each gene
+    appear once, symbols compared as `align` matches them (any case): a dict or table would
+    otherwise keep one of `ERBB2` / `Erbb2` silently."""
+    genes: list[str] = []
+    values: list[float] = []
+    for gene, value in pairs:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ConditionError(f"{source}: expression of gene {gene} is not a number: {value!r}")
+        genes.append(str(gene))
+        values.append(float(value))
+    keys = Counter(g.strip().upper() for g in genes)
+    twice = list(dict.fromkeys(g for g in genes if keys[g.strip().upper()] > 1))
+    if twice:
+        raise ConditionError(f"{source} lists gene(s) more than once (symbols match in any case): "
+                             f"{_list(twice)}")
+    bad = [g for g, v in zip(genes, values) if not np.isfinite(v)]
+    if bad:
+        raise ConditionError(f"{source} has NaN/infinite expression for gene(s) {_list(bad)}")
+    return dict(zip(genes, values))
+
+
+def profile_from_request(rna: Any) -> dict[str, float]:
+    """The `rna` field of a request from elsewhere (a server's client): only gene -> number.
+
+    Never `read_profile`, which takes a string as a file to open: on a server that reads files
+    outside every allowed folder and echoes their first line in its error."""
+    if not isinstance(rna, Mapping):
+        raise ConditionError(f"rna must be a JSON object mapping gene symbol -> number, not a "
+                             f"{type(rna).__name__}; send the profile's values, not a file name")
+    return check_profile(rna.items(), "rna")
+
+
+def _read_h5ad(path: Path) -> list[tuple[str, float]]:
     """One spot as is; several spots summed into one pseudo-bulk profile (raw counts add up)."""
     import anndata
 
@@ -41,10 +82,10 @@ def _read_h5ad(path: Path) -> dict[str, float]:
                              f"({adata.n_obs} x {adata.n_vars})")
     x = adata.X.sum(axis=0) if adata.n_obs > 1 else adata.X
     x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=float).ravel()
-    return dict(zip(map(str, adata.var_names), x.tolist()))
+    return list(zip(map(str, adata.var_names), x.tolist()))
 
 
-def _read_table(path: Path) -> dict[str, float]:
+def _read_table(path: Path) -> list[tuple[str, float]]:
     import pandas as pd
 
     if not path.is_file():
@@ -59,28 +100,24 @@ def _read_table(path: Path) -> dict[str, float]:
         raise ConditionError(f"RNA profile {path} must have two columns (gene, value); "
                              f"found {list(table.columns)}")
     values = pd.to_numeric(table.iloc[:, 1], errors="coerce")
-    return dict(zip(table.iloc[:, 0].astype(str), values.astype(float)))
+    return list(zip(table.iloc[:, 0].astype(str), values.astype(float).tolist()))
 
 
 def read_profile(profile: Any) -> dict[str, float]:
-    """A gene -> value dict from a dict, a CSV/TSV or .h5ad path, a pandas Series, or a one-row AnnData."""
+    """A gene -> value dict from a dict, a CSV/TSV or .h5ad path, a pandas Series, or a one-row AnnData.
+
+    A str is a local file path (the CLI, the plugin); a server takes `profile_from_request`."""
     if isinstance(profile, (str, Path)):
-        return _read_table(Path(profile))
+        return check_profile(_read_table(Path(profile)), f"RNA profile {profile}")
     if isinstance(profile, Mapping):
-        out = {}
-        for gene, value in profile.items():
-            try:
-                out[str(gene)] = float(value)
-            except (TypeError, ValueError):
-                raise ConditionError(f"RNA expression of gene {gene} is not a number: {value!r}") from None
-        return out
+        return check_profile(profile.items())
     if hasattr(profile, "var_names") and hasattr(profile, "X"):  # AnnData (row view)
         if profile.n_obs != 1:
             raise ConditionError(f"an AnnData RNA profile must be one row (spot); got {profile.n_obs}")
         x = profile.X.toarray() if hasattr(profile.X, "toarray") else np.asarray(profile.X)
-        return dict(zip(map(str, profile.var_names), np.asarray(x, dtype=float).ravel().tolist()))
+        return check_profile(zip(map(str, profile.var_names), np.asarray(x, dtype=float).ravel().tolist()))
     if hasattr(profile, "index") and hasattr(profile, "to_numpy") and getattr(profile, "ndim", 0) == 1:
-        return dict(zip(map(str, profile.index), profile.to_numpy(dtype=float).tolist()))
+        return check_profile(zip(map(str, profile.index), profile.to_numpy(dtype=float).tolist()))
     raise ConditionError(f"cannot read an RNA profile from a {type(profile).__name__}; give a dict "
                          f"gene -> value, a CSV/TSV (gene, value) file or a one-row AnnData")
 
@@ -138,17 +175,22 @@ class RNATokenizer:
         """(values float32 (G,), mask bool (G,), used genes, missing genes) for one profile."""
         raw = read_profile(profile)
         values = np.array(list(raw.values()), dtype=np.float64)
-        bad = [g for g, v in zip(raw, values) if not np.isfinite(v)]
-        if bad:
-            raise ConditionError(f"RNA profile has NaN/infinite expression for gene(s) {', '.join(bad[:10])}"
-                                 + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
         negative = [g for g, v in zip(raw, values) if v < 0]
         if negative:
             raise ConditionError(f"RNA profile has negative expression for gene(s) "
                                  f"{', '.join(negative[:10])}" + ("" if normalized else
                                  " (raw counts cannot be negative)"))
-        if not normalized:
-            total = values.sum()
+        if normalized:
+            huge = [g for g, v in zip(raw, values) if v > np.finfo(np.float32).max]
+            if huge:  # they would reach the model as inf
+                raise ConditionError(f"RNA profile has normalised expression beyond float32 for "
+                                     f"gene(s) {_list(huge)}")
+        else:
+            with np.errstate(over="ignore"):
+                total = values.sum()
+            if not np.isfinite(total):  # every CPM would be 0: a profile of silent zeros
+                raise ConditionError("RNA profile of raw counts sums to more than the largest float "
+                                     "(values near 1e308 are not counts)")
             if total <= 0:
                 raise ConditionError("RNA profile of raw counts sums to zero: nothing was measured")
             values = np.log1p(values / total * 1e6)
