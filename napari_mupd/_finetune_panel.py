@@ -40,16 +40,15 @@ def _world_box(layer: Any) -> np.ndarray:
 
 
 def _crop_world(layer: Any, box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The layer's pixels over a world box, resampled to `shape` (level 0 of a pyramid)."""
-    from skimage.transform import resize
+    """The layer's pixels over a world box, resampled to `shape` (from level 0 of a pyramid) by
+    the engine's one resampler, so fine-tuning pairs are cut as inference tiles are."""
+    from mupd.io.resample import array_reader, resample_window
 
     data = layer.data[0] if layer.multiscale else layer.data
-    (r0, c0), (r1, c1) = (np.asarray(layer.world_to_data(p))[-2:] for p in box)
-    r0, c0 = int(max(np.floor(r0), 0)), int(max(np.floor(c0), 0))
-    r1, c1 = int(min(np.ceil(r1), data.shape[0])), int(min(np.ceil(c1), data.shape[1]))
-    crop = np.asarray(data[r0:r1, c0:c1])
-    out = resize(crop, shape + crop.shape[2:], order=1, preserve_range=True, anti_aliasing=True)
-    return out
+    # world_to_data gives pixel-centre coordinates; the resampler takes pixel edges (+0.5)
+    (r0, c0), (r1, c1) = (np.asarray(layer.world_to_data(p))[-2:] + 0.5 for p in box)
+    return resample_window(array_reader(data), c0, r0, shape[1], shape[0],
+                           (c1 - c0) / shape[1], (r1 - r0) / shape[0])
 
 
 def layers_to_pairs(source: Any, target: Any, stain: str, tile: int, mpp: float, out: Path) -> int:

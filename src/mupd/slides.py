@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
-from scipy import ndimage
-
 from .errors import RegionError, SlideError
+from .io.resample import resample_window, source_window
 from .progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
 from .render import render_dab_ihc
 
@@ -141,9 +140,10 @@ class ArraySlide:
         x0, y0, w, h = box
         out_w, out_h = max(1, round(w / factor)), max(1, round(h / factor))
         ends = [max(n, tile) + (tile - 1 if n > tile else 0) for n in (out_w, out_h)]
-        ua, va = _tile_source(x0, y0, tile, factor, dsx, dsy)[3][:2]
-        ub, vb = _tile_source(x0 + (ends[0] - tile) * factor, y0 + (ends[1] - tile) * factor,
-                              tile, factor, dsx, dsy)[3][2:]
+        ua, va = source_window(x0 / dsx, y0 / dsy, tile, tile, factor / dsx, factor / dsy)[:2]
+        ub, vb = source_window((x0 + (ends[0] - tile) * factor) / dsx,
+                               (y0 + (ends[1] - tile) * factor) / dsy,
+                               tile, tile, factor / dsx, factor / dsy)[2:]
         W, H = slide.dimensions
         lh, lw = (level.shape[0], level.shape[1]) if level is not None else (H, W)
         ua, va, ub, vb = max(ua, 0), max(va, 0), min(ub, lw), min(vb, lh)
@@ -558,42 +558,18 @@ def _pick_level(slide: Any, factor: float) -> tuple[Any, float, float]:
     return lv, W / lv.shape[1], H / lv.shape[0]
 
 
-def _tile_source(x: float, y: float, tile: int, factor: float, dsx: float, dsy: float
-                 ) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float],
-                            tuple[int, int, int, int]]:
-    """Where `_read_tile` reads a tile on its level (downsamples dsx, dsy): the level pixel-index
-    coordinates (centres at integers) of its first output pixel's centre, the level pixels per
-    output pixel, the pre-filter's sigmas, and the padded level window (x0, y0, x1, y1) the
-    filtered resampling reads."""
-    fx, fy = factor / dsx, factor / dsy
-    u0, v0 = (x + 0.5 * factor) / dsx - 0.5, (y + 0.5 * factor) / dsy - 0.5
-    sx, sy = max(0.0, (fx - 1) / 2), max(0.0, (fy - 1) / 2)
-    pad_x, pad_y = 2 + int(math.ceil(4 * sx)), 2 + int(math.ceil(4 * sy))
-    ua, va = int(math.floor(u0)) - pad_x, int(math.floor(v0)) - pad_y
-    ub = int(math.ceil(u0 + (tile - 1) * fx)) + pad_x + 1
-    vb = int(math.ceil(v0 + (tile - 1) * fy)) + pad_y + 1
-    return (u0, v0), (fx, fy), (sx, sy), (ua, va, ub, vb)
-
-
 def _read_tile(slide: Any, x: float, y: float, tile: int, factor: float) -> np.ndarray:
     """A tile x tile RGB tile at the model's mpp whose corner is level-0 edge point (x, y).
 
     Output pixel (r, c) is the area sample centred on level-0 edge point
     (x + (c + 0.5) * factor, y + (r + 0.5) * factor): exactly the grid `placement` describes, so
     overlays register to the slide to well under a level-0 pixel. Read from the coarsest pyramid
-    level that is still finer than the model's mpp; Gaussian pre-filter (sigma = (f - 1) / 2, as
-    scikit-image's anti-aliasing) before linear interpolation; off-slide is white.
+    level that is still finer than the model's mpp by the one resampler (`mupd.io.resample`,
+    which also cuts the training tiles); off-slide is white.
     """
     level, dsx, dsy = _pick_level(slide, factor)
-    (u0, v0), (fx, fy), (sx, sy), (ua, va, ub, vb) = _tile_source(x, y, tile, factor, dsx, dsy)
-    if abs(fx - 1) < 1e-9 and abs(fy - 1) < 1e-9 and float(u0).is_integer() and float(v0).is_integer():
-        return _read_window(slide, level, int(u0), int(v0), int(u0) + tile, int(v0) + tile)
-    canvas = _read_window(slide, level, ua, va, ub, vb).astype(np.float32)
-    if sx > 0 or sy > 0:
-        canvas = ndimage.gaussian_filter(canvas, sigma=(sy, sx, 0), mode="nearest", truncate=4.0)
-    out = ndimage.affine_transform(canvas, (fy, fx, 1.0), offset=(v0 - va, u0 - ua, 0.0),
-                                   output_shape=(tile, tile, 3), order=1, mode="nearest")
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return resample_window(lambda x0, y0, x1, y1: _read_window(slide, level, x0, y0, x1, y1),
+                           x / dsx, y / dsy, tile, tile, factor / dsx, factor / dsy)
 
 
 def _read_window(slide: Any, level: Any, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:

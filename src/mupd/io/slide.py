@@ -13,9 +13,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import dask.array as da
 import numpy as np
-from skimage.transform import resize
-
 from ..errors import MuPDError, RegionError, SlideError
+from .resample import array_reader, resample_window
 
 #: Reads level pixels [y0:y1, x0:x1] as a (h, w, C) numpy array.
 LevelReader = Callable[[int, int, int, int], np.ndarray]
@@ -178,16 +177,11 @@ class Slide:
         out_h = round(h * self.mpp[1] / target)
         if out_w < 1 or out_h < 1:
             raise RegionError(f"region {w}x{h} of {self.path} at {target} um/px is smaller than one pixel")
-        factor = min(w / out_w, h / out_h)
-        level = self.best_level_for_downsample(factor)
+        level = self.best_level_for_downsample(min(w / out_w, h / out_h))
         ds_x = self.dimensions[0] / self.level_dimensions[level][0]
         ds_y = self.dimensions[1] / self.level_dimensions[level][1]
-        lw, lh = self.level_dimensions[level]
-        x0, y0 = int(math.floor(x / ds_x)), int(math.floor(y / ds_y))
-        x1 = min(max(int(math.ceil((x + w) / ds_x)), x0 + 1), lw)
-        y1 = min(max(int(math.ceil((y + h) / ds_y)), y0 + 1), lh)
-        pixels = self._read_level(level, x0, y0, x1, y1)
-        return _resample(pixels, out_h, out_w)
+        return resample_window(array_reader(_LevelPixels(self, level)), x / ds_x, y / ds_y,
+                               out_w, out_h, w / out_w / ds_x, h / out_h / ds_y)
 
     def best_level_for_downsample(self, factor: float) -> int:
         """The coarsest level that is still at least as fine as `factor` (never upsample a coarse one)."""
@@ -206,7 +200,8 @@ class Slide:
         out_w, out_h = max(1, round(W * scale)), max(1, round(H * scale))
         level = self.best_level_for_downsample(min(W / out_w, H / out_h))
         lw, lh = self.level_dimensions[level]
-        return _resample(self._read_level(level, 0, 0, lw, lh), out_h, out_w)
+        return resample_window(array_reader(_LevelPixels(self, level)), 0.0, 0.0, out_w, out_h,
+                               lw / out_w, lh / out_h)
 
     # -- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -221,19 +216,13 @@ class Slide:
         self.close()
 
 
-def _resample(pixels: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Area-aware resize keeping the dtype: integer block means first (fast), then a small anti-aliased resize."""
-    if pixels.shape[:2] == (out_h, out_w):
-        return pixels
-    out = pixels
-    ky, kx = max(1, pixels.shape[0] // out_h), max(1, pixels.shape[1] // out_w)
-    if ky > 1 or kx > 1:
-        h, w = (pixels.shape[0] // ky) * ky, (pixels.shape[1] // kx) * kx
-        out = pixels[:h, :w].reshape(h // ky, ky, w // kx, kx, -1).mean(axis=(1, 3), dtype=np.float32)
-    if out.shape[:2] != (out_h, out_w):
-        shrinking = out_h < out.shape[0] or out_w < out.shape[1]
-        out = resize(out, (out_h, out_w, out.shape[2]), order=1, anti_aliasing=shrinking, preserve_range=True)
-    if np.issubdtype(pixels.dtype, np.integer):
-        info = np.iinfo(pixels.dtype)
-        out = np.clip(np.rint(out), info.min, info.max)
-    return out.astype(pixels.dtype)
+class _LevelPixels:
+    """A level as `array_reader` slices it: through `Slide._read_level`, so errors name the file."""
+
+    def __init__(self, slide: Slide, level: int) -> None:
+        self.slide, self.level = slide, level
+        self.shape = slide.levels[level].shape
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = key
+        return self.slide._read_level(self.level, cols.start, rows.start, cols.stop, rows.stop)
