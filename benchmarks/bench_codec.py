@@ -3,11 +3,12 @@ codec was trained on (default: HER2ST B4, `stores/her2st-B4`), against simple ba
 in the same run.
 
 Rows: the pixel codec (space-to-depth, exact by construction: a check of the harness), each VAE
-folder given, bicubic 4x down / up (3 numbers per 4x4 px block, fewer than a 4-channel 4x VAE's 4)
-and the tile's mean colour (the floor). Per tile: MAE in 0-255 grey levels, PSNR (dB) and SSIM
+folder given (default: the bundled `vae-tiny`, 4x down, and the pretrained `taef2`, 8x down),
+bicubic 4x and 8x down / up (3 numbers per 4x4 or 8x8 px block, the block of one latent cell of
+each VAE) and the tile's mean colour (the floor). Per tile: MAE in 0-255 grey levels, PSNR (dB) and SSIM
 (scikit-image, RGB); mean +/- std over tiles, and time per tile.
 
-    .venv/bin/python benchmarks/bench_codec.py --vae runs/vae-tiny/vae [--store stores/her2st-B4]
+    .venv/bin/python benchmarks/bench_codec.py [--vae DIR ...] [--store stores/her2st-B4]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from mupd.data.store import PatchStore
 from mupd.models.codec import PixelCodec, build_codec
+from mupd.paths import RESOURCES
 from mupd.train.batches import image_to_tensor
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) in [-1, 1] -> same
@@ -74,19 +76,22 @@ def fmt(values: np.ndarray, spec: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", default="stores/her2st-B4", help="held-out patch store")
-    parser.add_argument("--vae", action="append", default=[], help="local diffusers VAE folder")
+    parser.add_argument("--vae", action="append", default=None,
+                        help="local diffusers VAE folder (default: the bundled vae-tiny and taef2)")
     parser.add_argument("--tiles", type=int, default=200, help="tiles, evenly spread over the store")
     args = parser.parse_args()
     store = PatchStore(args.store)
     rows = np.unique(np.linspace(0, len(store) - 1, min(args.tiles, len(store))).astype(int))
     tiles = np.stack([np.asarray(store.tiles[int(r)]) for r in rows])
     patients = sorted({str(p) for p in np.asarray(store.manifest["patient"])[rows]})
+    folders = args.vae or [str(RESOURCES / "models" / name) for name in ("vae-tiny", "taef2")]
     runs = [measure("pixel codec (space-to-depth 4)", "48 / 16 px", codec_round_trip(PixelCodec(4)), tiles)]
-    for folder in args.vae:
+    for folder in folders:
         codec = build_codec({"type": "vae", "path": folder})
         numbers = f"{codec.latent_channels} / {codec.downsample ** 2} px"
         runs.append(measure(f"VAE {folder}", numbers, codec_round_trip(codec), tiles))
     runs += [measure("bicubic 4x down / up (baseline)", "3 / 16 px", bicubic(4), tiles),
+             measure("bicubic 8x down / up (baseline)", "3 / 64 px", bicubic(8), tiles),
              measure("tile mean colour (floor)", f"3 / {tiles.shape[1] ** 2} px", mean_colour, tiles)]
     print(f"\nHeld-out reconstruction: {len(tiles)} tiles of {args.store} "
           f"({tiles.shape[1]} px, patients {', '.join(patients)}); mean ± std over tiles\n")
@@ -95,11 +100,13 @@ def main() -> None:
     for r in runs:
         print(f"| {r['name']} | {r['numbers']} | {fmt(r['mae'], '.2f')} | {fmt(r['psnr'], '.2f')} "
               f"| {fmt(r['ssim'], '.3f')} | {r['ms']:.2f} |")
-    base = next(r for r in runs if r["name"].startswith("bicubic"))
+    base = {r["name"].split()[1]: r for r in runs if r["name"].startswith("bicubic")}
     for r in runs:
         if r["name"].startswith("VAE"):
-            print(f"\n{r['name']}: MAE ratio to bicubic baseline "
-                  f"{r['mae'].mean() / base['mae'].mean():.2f} (< 1: better)")
+            factor = r["numbers"].split("/ ")[1]
+            same = base["8x" if factor == "64 px" else "4x"]
+            print(f"\n{r['name']}: MAE ratio to bicubic at the same block size "
+                  f"({same['name'].split()[1]}) {r['mae'].mean() / same['mae'].mean():.2f} (< 1: better)")
 
 
 if __name__ == "__main__":
