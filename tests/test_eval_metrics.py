@@ -8,8 +8,8 @@ from skimage import data
 
 from mupd.errors import ConditionError
 from mupd.eval.features import FEATURE_NAMES, features, tile_features
-from mupd.eval.metrics import (block_bootstrap_ci, frechet_distance, mean_std, partial_pearson, pearson,
-                               pearson_per_column)
+from mupd.eval.metrics import (block_bootstrap_ci, frechet_distance, kid, mean_std, partial_pearson,
+                               pearson, pearson_per_column)
 from mupd.eval.report import fmt, public
 
 
@@ -46,6 +46,49 @@ def test_frechet_distance_survives_singular_covariances():
     assert np.isfinite(value) and value > 0
     with pytest.raises(ValueError):
         frechet_distance(a[:1], b)
+
+
+def test_frechet_distance_trace_term_matches_sqrtm_when_covariances_are_full_rank():
+    from scipy import linalg
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(300, 8)), rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8)) + 0.5
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    diff = a.mean(0) - b.mean(0)
+    direct = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(a, b) == pytest.approx(direct, rel=1e-9)
+    wide = rng.normal(size=(40, 2048))  # n << D, as Inception features of a few dozen tiles
+    assert frechet_distance(wide, wide) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_distance(wide[:20], wide[20:]) > 0
+
+
+def _kid_by_loops(x, y):
+    k = lambda u, v: (u @ v / len(u) + 1) ** 3  # noqa: E731
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_is_the_unbiased_cubic_kernel_mmd():
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(9, 5)), rng.normal(size=(7, 5)) + 0.3
+    assert kid(x, y) == pytest.approx(_kid_by_loops(x, y), rel=1e-10)
+    assert kid(x, y) == pytest.approx(kid(y, x), rel=1e-12)  # symmetric
+    big = rng.normal(size=(400, 6))
+    # identical sets: only the left-out diagonal separates it from 0, O(1/n)
+    assert abs(kid(big, big)) < 0.05
+    assert kid(big, big + np.array([1.0, -1.0, 0, 0, 0.5, 0])) > 1.0
+    # unbiased: two samples of one distribution average 0 at small n, where FID stays well above 0
+    pairs = [(rng.normal(size=(20, 6)), rng.normal(size=(20, 6))) for _ in range(200)]
+    kids = np.array([kid(p, q) for p, q in pairs])
+    assert abs(kids.mean()) < 3 * kids.std() / np.sqrt(len(kids))
+    assert np.mean([frechet_distance(p, q) for p, q in pairs]) > 1.0
+    with pytest.raises(ValueError):
+        kid(big[:1], big)
+    with pytest.raises(ValueError):
+        kid(big, big[:, :3])
 
 
 def test_mean_std_leaves_undefined_values_out_and_reports_them_as_such():

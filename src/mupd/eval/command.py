@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", default=None,
                    help="transformers image model folder for a second feature space (local path)")
     p.add_argument("--steps", type=int, default=None, help="generation sampling steps")
+    p.add_argument("--rna-tiles", type=int, default=None,
+                   help="tiles per RNA->H&E set for FD / FID / KID (default: half the held-out B4 "
+                        "tiles, 141; --quick: 8)")
     p.add_argument("--markers", nargs="+", default=None,
                    help="score only these catalogue markers (default: every marker with a gene)")
     p.add_argument("--prompt-template", default=None,
@@ -52,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
         settings.prompt = args.prompt_template
     if args.steps is not None:
         settings.steps = args.steps
+    if args.rna_tiles is not None:
+        if args.rna_tiles < 2:
+            raise ConditionError(f"--rna-tiles {args.rna_tiles}: need >= 2 tiles per set")
+        settings.rna_tiles = args.rna_tiles
     bar = ConsoleProgress()
     results = run_evaluation(None if args.baselines_only else args.model, args.out, settings, progress=bar)
     bar.close()

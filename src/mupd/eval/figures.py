@@ -34,7 +34,7 @@ def marker_figure(markers: dict[str, Any], image_paths: dict[str, str], out: Pat
     sections = markers["sections"]
     fig, axes = plt.subplots(len(sections), 4, figsize=(16, 4 * len(sections)), squeeze=False)
     for row, (name, sec) in enumerate(sections.items()):
-        baseline = max(("ridge", "hematoxylin density"),
+        baseline = max((*markers.get("learned_baselines", ["ridge"]), "hematoxylin density"),
                        key=lambda k: sec["methods"][k]["mean_r"]["mean"] or -1.0)  # strongest here
         cols = [f"{name}: source H&E", f"measured {names[j]} ({markers['markers'][names[j]]}, log1p CPM)",
                 f"best baseline: {baseline}", "MuPD"]

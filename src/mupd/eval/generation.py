@@ -1,9 +1,12 @@
 """Tasks 2 and 3: RNA->H&E and text->H&E, scored on held-out real tiles.
 
-Frechet distances (FD) compare equal-sized sets: per seed the held-out real tiles are split in
-two halves A and B; the floor is FD(real A, real B), MuPD is FD(tiles generated from A's RNA,
-real B), the unconditional model FD(unconditional samples, real B). Handcrafted features are
-z-scored with the training tiles' mean and std first, so every feature weighs alike.
+Distances compare equal-sized sets: per seed the held-out real tiles are split in two halves A
+and B; the floor is d(real A, real B), MuPD is d(tiles generated from A's RNA, real B), the
+unconditional model d(unconditional samples, real B). Feature spaces: the handcrafted features
+z-scored with the training tiles' mean and std (so every feature weighs alike), FD; the TF-FID
+InceptionV3 pool3 features (`pretrained.InceptionFeatures`), FID and KID; an optional
+user-supplied encoder, FD. At a hundred-odd tiles per set FID is biased upward (its bias falls
+with n, so it is comparable only at equal n); KID is unbiased, so it is reported beside it.
 
 RNA alignment: the ridge H&E->RNA scorer (trained on the training patient) predicts marker
 expression from each generated tile; its mean per-gene Pearson r with the RNA the tile was
@@ -25,20 +28,22 @@ import numpy as np
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
 from .baselines import RidgeBaseline, fit_logistic
 from .features import features
-from .metrics import frechet_distance, mean_std, pearson_per_column
+from .metrics import frechet_distance, kid, mean_std, pearson_per_column
 from .spots import SpotTable
 
 DEFAULT_PROMPT = "H&E breast cancer tissue, {marker}-{level}"
 
 
 class FeatureSpace:
-    """Handcrafted features z-scored by the training tiles, plus an optional encoder."""
+    """Handcrafted features z-scored by the training tiles, the Inception (FID / KID) features
+    when an extractor is given (run_evaluation always gives one), and an optional encoder."""
 
-    def __init__(self, train: SpotTable, encoder: Any = None) -> None:
+    def __init__(self, train: SpotTable, encoder: Any = None, inception: Any = None) -> None:
         self.mpp = train.mpp
         self.mu = train.features.mean(axis=0)
         self.sd = np.where(train.features.std(axis=0) > 0, train.features.std(axis=0), 1.0)
         self.encoder = encoder
+        self.inception = inception
 
     def handcrafted(self, tiles: np.ndarray, precomputed: Optional[np.ndarray] = None) -> np.ndarray:
         raw = precomputed if precomputed is not None else features(tiles, self.mpp)
@@ -46,30 +51,46 @@ class FeatureSpace:
 
 
 def _fd_row(space: FeatureSpace, sets: dict[str, np.ndarray], reference: np.ndarray,
-            precomputed: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+            precomputed: dict[str, np.ndarray], inception_pre: Optional[dict[str, np.ndarray]] = None
+            ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """(FD per feature space, KID per feature space) of every set against `reference`."""
     row = {"handcrafted": {k: frechet_distance(space.handcrafted(v, precomputed.get(k)),
                                                space.handcrafted(reference, precomputed.get("_ref")))
                            for k, v in sets.items()}}
+    kids: dict[str, dict[str, float]] = {}
+    if space.inception is not None:
+        pre = inception_pre or {}
+        ref = pre["_ref"] if "_ref" in pre else space.inception(reference)
+        feats = {k: pre[k] if k in pre else space.inception(v) for k, v in sets.items()}
+        row["inception"] = {k: frechet_distance(f, ref) for k, f in feats.items()}
+        kids["inception"] = {k: kid(f, ref) for k, f in feats.items()}
     if space.encoder is not None:
         ref = space.encoder(reference)
         row["encoder"] = {k: frechet_distance(space.encoder(v), ref) for k, v in sets.items()}
-    return row
+    return row, kids
 
 
 def evaluate_rna_to_he(pipeline: Any, train: SpotTable, heldout: SpotTable, genes: Sequence[str],
                        scorer: RidgeBaseline, space: FeatureSpace, seeds: Sequence[int],
                        n_tiles: int, steps: int, progress: ProgressCallback = no_progress,
                        cancel: Optional[CancelToken] = None) -> dict[str, Any]:
+    """`n_tiles` per set (at most half the held-out tiles): real half A, generated from A's RNA,
+    unconditional, each against real half B."""
     genes = list(genes)
+    half = min(n_tiles, len(heldout) // 2)
+    if half < 2:
+        raise ValueError(f"RNA->H&E needs >= 4 held-out tiles, got {len(heldout)}")
     runs, examples = [], None
+    real_inception = space.inception(heldout.tiles) if space.inception is not None else None
     for k, seed in enumerate(seeds):
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(heldout))
-        half = min(n_tiles, len(heldout) // 2)
         a, b = np.sort(order[:half]), np.sort(order[half:2 * half])
         real_a, real_b = heldout.tiles[a], heldout.tiles[b]
         sets: dict[str, np.ndarray] = {"real (other half)": real_a}
         pre = {"real (other half)": heldout.features[a], "_ref": heldout.features[b]}
+        inception_pre = ({"real (other half)": real_inception[a], "_ref": real_inception[b]}
+                         if real_inception is not None else None)
         if pipeline is not None:
             generated = []
             for i, profile in enumerate(heldout.profiles(a)):
@@ -81,21 +102,26 @@ def evaluate_rna_to_he(pipeline: Any, train: SpotTable, heldout: SpotTable, gene
             sets["MuPD (RNA)"] = np.stack(generated)
             sets["MuPD (unconditional)"] = np.asarray(
                 pipeline.generate(stain="H&E", num_images=half, steps=steps, seed=seed))
-        fd = _fd_row(space, sets, real_b, pre)
+        fd, kids = _fd_row(space, sets, real_b, pre, inception_pre)
         truth = heldout.expression[genes].to_numpy()[a]
         align = {}
         for key, tiles in sets.items():
             f = pre.get(key) if key in pre else features(tiles, space.mpp)
             r = pearson_per_column(scorer.predict(f), truth, genes)
             align[key.replace("real (other half)", "real tiles of the same spots")] = _nanmean(r.values())
-        runs.append({"fd": fd, "alignment": align})
+        runs.append({"fd": fd, "kid": kids, "alignment": align})
         if examples is None:
             examples = {k: v[:6] for k, v in sets.items()}
             examples["real (same spots)"] = real_a[:6]
-    return {"n_per_set": int(min(n_tiles, len(heldout) // 2)), "seeds": list(seeds),
+    return {"n_per_set": int(half), "n_heldout_tiles": int(len(heldout)), "seeds": list(seeds),
             "fd": _aggregate([r["fd"] for r in runs]),
+            "kid": _aggregate([r["kid"] for r in runs]) if runs[0]["kid"] else {},
             "alignment": {k: mean_std([r["alignment"][k] for r in runs]).to_dict()
                           for k in runs[0]["alignment"]},
+            "feature_spaces": {
+                "handcrafted": "the named features of mupd/eval/features.py, z-scored by the training tiles",
+                "inception": getattr(space.inception, "name", None),
+                "encoder": getattr(space.encoder, "name", None)},
             "encoder": getattr(space.encoder, "name", None), "_examples": examples}
 
 

@@ -12,6 +12,10 @@ spots minus mean prediction over training spots; measured: pseudo-bulk log1p(CPM
 section minus that of the training spots pooled (robust to per-spot depth); both divided by
 the training spots' std of gene j. One r per section, resting on as many points as markers.
 
+Learned baselines: ridge on the handcrafted features, and ridge on ImageNet EfficientNet-Lite0
+features (`pretrained.EfficientNetLite0Features`, RIDGE_CNN) fitted the same way (penalty per
+marker by GroupKFold over the training sections, patient C only); both enter every table.
+
 Uncertainty: 95% block-bootstrap intervals (whole 600 um blocks of spots resampled) for each
 r, for the mean r over markers, and for MuPD minus each baseline in mean r; MuPD's interval is that of
 its prediction averaged over seeds.
@@ -46,6 +50,8 @@ from .spots import SpotTable
 DENSITY = "hematoxylin density"
 #: Spatial bootstrap blocks: 3 x 3 array positions (600 um), beyond most spot-to-spot correlation.
 BLOCK_SPOTS = 3
+#: The second learned baseline: ridge on ImageNet EfficientNet-Lite0 global-pooled features.
+RIDGE_CNN = "ridge (EfficientNet-Lite0)"
 PAPER_CONTEXT = {"patch_level_r": 0.238, "slide_level_r": 0.464,
                  "note": "MuPD paper, mIF markers on its own data; context, not like-for-like"}
 
@@ -74,10 +80,21 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
                      ridge: RidgeBaseline, pipeline: Any = None, seeds: Sequence[int] = (0, 1, 2), steps: int = 1,
                      calibration_spots: int = 200, n_boot: int = 1000,
                      progress: ProgressCallback = no_progress,
-                     cancel: Optional[CancelToken] = None) -> dict[str, Any]:
+                     cancel: Optional[CancelToken] = None,
+                     feature_ridges: Optional[dict[str, tuple[RidgeBaseline, np.ndarray, np.ndarray]]] = None,
+                     ) -> dict[str, Any]:
     """`markers`: marker name -> gene; `ridge` fitted on `train` for those genes (in that order).
+    `feature_ridges`: further ridge baselines on other feature spaces, name -> (ridge fitted on
+    `train` for those genes, its training features, its held-out features (rows as `heldout`)),
+    e.g. {RIDGE_CNN: ...}; each is scored, bootstrapped and compared with MuPD like `ridge`.
     Returns JSON-able results plus `_predictions` for the figures."""
     names, genes = list(markers), list(markers.values())
+    feature_ridges = dict(feature_ridges or {})
+    for key, (_, X_tr, X_held) in feature_ridges.items():
+        if len(X_tr) != len(train) or len(X_held) != len(heldout):
+            raise ValueError(f"{key}: features for {len(X_tr)} / {len(X_held)} spots, tables have "
+                             f"{len(train)} / {len(heldout)}")
+    learned = ["ridge", *feature_ridges]
     Y_train = train.expression[genes].to_numpy()
     mean = TrainingMeanBaseline().fit(train.features, Y_train)
     sd = Y_train.std(axis=0)
@@ -121,26 +138,32 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
         measured_dev = (section.pseudobulk_log_cpm(genes).to_numpy() - bulk_train) / sd
         ridge_pred, mean_pred = ridge.predict(heldout.features[idx]), mean.predict(heldout.features[idx])
         ridge_train = ridge.predict(train.features)
+        learned_pred = {"ridge": ridge_pred}
         methods: dict[str, Any] = {
             "ridge": _one_run(ridge_pred, Y, names, measured_dev,
-                              _slide_deviation(ridge_pred, ridge_train, sd)),
+                              _slide_deviation(ridge_pred, ridge_train, sd))}
+        for key, (model, X_tr, X_held) in feature_ridges.items():
+            learned_pred[key] = model.predict(X_held[idx])
+            methods[key] = _one_run(learned_pred[key], Y, names, measured_dev,
+                                    _slide_deviation(learned_pred[key], model.predict(X_tr), sd))
+        methods.update({
             "training-mean": _one_run(mean_pred, Y, names, measured_dev, np.zeros(len(names))),
             DENSITY: _one_run(density[idx], Y, names, measured_dev,
                               _slide_deviation(density_cal[idx], density_cal_train, sd),
                               calibrated=density_cal[idx]),
-        }
-        predictions[name] = {"measured": Y, "ridge": ridge_pred, DENSITY: density[idx]}
+        })
+        predictions[name] = {"measured": Y, **learned_pred, DENSITY: density[idx]}
         if model_runs:
             runs = [_one_run(run["raw"][idx], Y, names, measured_dev,
                              _slide_deviation(run["calibrated"][idx], run["train"], sd),
                              calibrated=run["calibrated"][idx]) for run in model_runs]
             methods = {"MuPD": _over_seeds(runs, names), **methods}
-        for key in ("ridge", DENSITY, "training-mean"):
+        for key in (*learned, DENSITY, "training-mean"):
             methods[key] = _over_seeds([methods[key]], names)
         spot_ids = [heldout.spot_ids[i] for i in idx]
         blocks = _spatial_blocks(section.spots.loc[spot_ids])
         counts = section.counts.loc[spot_ids]
-        point = {"ridge": ridge_pred, DENSITY: density[idx]}
+        point = {**learned_pred, DENSITY: density[idx]}
         if model_runs:
             point["MuPD"] = np.mean([run["raw"][idx] for run in model_runs], axis=0)
             predictions[name]["MuPD"] = point["MuPD"]
@@ -157,12 +180,15 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
             "mupd_minus_baseline_mean_r_ci95": {
                 key: block_bootstrap_ci(
                     lambda s, B=point[key]: _mean_r(point["MuPD"][s], Y[s]) - _mean_r(B[s], Y[s]), blocks, n_boot)
-                for key in ("ridge", DENSITY)} if model_runs else {},
+                for key in (*learned, DENSITY)} if model_runs else {},
             "spot_xy": section.spots.loc[spot_ids, ["image_x", "image_y"]].to_numpy().tolist(),
         }
     return {
         "markers": markers, "seeds": list(seeds) if model_runs else [],
-        "ridge_alphas": dict(zip(names, ridge.alphas_)), "n_train_spots": len(train),
+        "ridge_alphas": dict(zip(names, ridge.alphas_)),
+        "feature_ridge_alphas": {key: dict(zip(names, model.alphas_))
+                                 for key, (model, _, _) in feature_ridges.items()},
+        "learned_baselines": learned, "n_train_spots": len(train),
         "train_sections": sorted(set(train.section_of)), "calibration_spots": int(len(cal)),
         "sections": sections, "paper_context": PAPER_CONTEXT, "_predictions": predictions,
         "_image_paths": {s.name: str(s.image_path) for s in heldout.sections},

@@ -88,9 +88,12 @@ def render_markdown(r: dict[str, Any], figures: dict[str, str]) -> str:
         "from its own mpp (measured from the 200 um spot pitch) to this one.",
         f"- Seeds: {seeds}. Mean ± std over seeds; deterministic methods (ridge, training mean, "
         "scorers on real tiles) are fitted once and shown without ± .",
-        f"- Feature extractor: handcrafted ({len(r['feature_extractor']['handcrafted'])} features, "
+        f"- Feature spaces: handcrafted ({len(r['feature_extractor']['handcrafted'])} features, "
         "named in `mupd/eval/features.py` and in results.json)"
-        + (f"; encoder `{r['feature_extractor']['encoder']}`" if r['feature_extractor']['encoder'] else
+        + (f"; {r['feature_extractor']['inception']} (FID, KID)" if r['feature_extractor'].get('inception') else "")
+        + (f"; {r['feature_extractor']['efficientnet']} (ridge baseline)"
+           if r['feature_extractor'].get('efficientnet') else "")
+        + (f"; encoder `{r['feature_extractor']['encoder']}`." if r['feature_extractor']['encoder'] else
            "; no encoder given (`--encoder DIR` adds one)."),
         "",
     ]
@@ -108,7 +111,7 @@ def _summary_md(r: dict[str, Any], has_model: bool) -> list[str]:
     lines = ["## Summary", ""]
     for name, sec in r["markers"]["sections"].items():
         methods = sec["methods"]
-        baselines = {k: methods[k]["mean_r"]["mean"] for k in ("ridge", "hematoxylin density")}
+        baselines = {k: methods[k]["mean_r"]["mean"] for k in (*_learned(r["markers"]), "hematoxylin density")}
         best = max(baselines, key=lambda k: -1.0 if baselines[k] is None else baselines[k])
         text = (f"- {name} marker staining, spot-level mean r over markers: best baseline {best} "
                 f"{fmt(methods[best]['mean_r'])}")
@@ -118,15 +121,34 @@ def _summary_md(r: dict[str, Any], has_model: bool) -> list[str]:
             if lo_hi and None not in lo_hi:
                 text += f" (MuPD minus {best}: [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}])"
         lines.append(text + ".")
-    fd = r["rna_to_he"]["fd"]["handcrafted"]
-    lines.append("- RNA->H&E FD (handcrafted): " + "; ".join(f"{k} {fmt(v)}" for k, v in fd.items()) + ".")
+    g = r["rna_to_he"]
+    lines.append(f"- RNA->H&E, {g['n_per_set']} tiles per set, FD (handcrafted): "
+                 + "; ".join(f"{k} {fmt(v)}" for k, v in g["fd"]["handcrafted"].items()) + ".")
+    if "inception" in g["fd"]:
+        lines.append(f"- RNA->H&E, {g['n_per_set']} tiles per set, FID / KID x 10^3 (Inception): "
+                     + "; ".join(f"{k} {fmt(v)} / {fmt_kid(g['kid']['inception'][k])}"
+                                 for k, v in g["fd"]["inception"].items()) + ".")
     aug = r["augmentation"]["balanced_accuracy"]
     lines.append("- Augmentation balanced accuracy: " + "; ".join(f"{k} {fmt(v)}" for k, v in aug.items()) + ".")
     return lines + [""]
 
 
+def _learned(m: dict[str, Any]) -> list[str]:
+    """The learned (ridge) baselines of a marker result, handcrafted ridge first."""
+    return list(m.get("learned_baselines", ["ridge"]))
+
+
+def fmt_kid(value: Any) -> str:
+    """KID (a MeanStd dict) x 10^3, the usual scale (a raw KID floor rounds to 0.000)."""
+    if isinstance(value, dict) and value.get("n"):
+        value = {**value, "mean": value["mean"] * 1e3, "std": value["std"] * 1e3}
+    return fmt(value)
+
+
 def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
-    methods = (["MuPD"] if has_model else []) + ["ridge", "hematoxylin density", "training-mean"]
+    learned = _learned(m)
+    methods = (["MuPD"] if has_model else []) + learned + ["hematoxylin density", "training-mean"]
+    cnn = [k for k in learned if k != "ridge"]
     lines = [
         "## 1. Virtual marker staining (held-out spots)",
         "",
@@ -136,8 +158,11 @@ def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
         "Hematoxylin density (untrained: the tile's mean hematoxylin optical density, one number "
         "for every marker) is the cellularity baseline a marker prediction has to beat. "
         "MSE is in log1p(CPM) units (MuPD's [0, 1] intensities mapped by a per-marker linear fit on "
-        f"{m['calibration_spots']} training spots). Ridge: {m['n_train_spots']} training spots, "
-        "penalty per marker by 5-fold cross-validation grouped by section, inside patient C only.",
+        f"{m['calibration_spots']} training spots). Ridge (on the handcrafted features"
+        + (f"; {', '.join(cnn)}: on ImageNet EfficientNet-Lite0 global-pooled features, fitted the "
+           "same way" if cnn else "")
+        + f"): {m['n_train_spots']} training spots, penalty per marker by cross-validation grouped "
+        "by section (GroupKFold), inside patient C only.",
         "",
     ]
     for name, sec in m["sections"].items():
@@ -205,18 +230,38 @@ def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
 
 def _rna_md(g: dict[str, Any], has_model: bool) -> list[str]:
     spaces = list(g["fd"])
+    kids = g.get("kid", {})
+    columns = [(s, kind) for s in spaces for kind in (("fd", "kid") if s in kids else ("fd",))]
+    header = [("KID x 10^3" if kind == "kid" else "FID" if s == "inception" else "FD") + f" {s}"
+              for s, kind in columns]
+    n_seeds = len(g["seeds"])
     lines = [
         "## 2. RNA -> H&E (held-out B4)",
         "",
-        f"Frechet distance to one half of the real held-out tiles (n = {g['n_per_set']} per set), "
-        "the other half being the real-vs-real floor. Lower is better; a generator cannot be "
-        "expected to go below the floor.",
+        f"Distances to one half of the real held-out tiles: **{g['n_per_set']} tiles per set** "
+        f"(two disjoint halves of {g.get('n_heldout_tiles', 'the')} held-out B4 tiles, redrawn per "
+        f"seed, mean ± std over {n_seeds} seeds); the other half is the real-vs-real floor. Lower is "
+        "better; a generator cannot be expected to go below the floor.",
         "",
-        "| set vs real half | " + " | ".join(f"FD {s}" for s in spaces) + " |",
-        "|---|" + "---|" * len(spaces),
+    ]
+    names = g.get("feature_spaces", {})
+    for s in spaces:
+        if names.get(s):
+            lines.append(f"- {s}: {names[s]}")
+    if "inception" in spaces:
+        lines += ["", "FID at this n is biased upward: its bias falls as 1/n with a large constant in "
+                  "2048 dimensions (and n < 2048 leaves the covariances singular), so even the "
+                  "real-vs-real floor is far from 0. Compare it only at equal n and against the "
+                  "floor, never with published FIDs (n = 10-50k). KID, unbiased (cubic polynomial "
+                  "kernel, Binkowski et al. 2018), is given beside it: its floor is about 0."]
+    lines += [
+        "",
+        "| set vs real half | " + " | ".join(header) + " |",
+        "|---|" + "---|" * len(header),
     ]
     for key in g["fd"][spaces[0]]:
-        lines.append(f"| {key} | " + " | ".join(fmt(g["fd"][s][key]) for s in spaces) + " |")
+        lines.append(f"| {key} | " + " | ".join(fmt_kid(kids[s][key]) if kind == "kid" else fmt(g["fd"][s][key])
+                                                for s, kind in columns) + " |")
     lines += [
         "",
         "RNA alignment: mean over marker genes of the Pearson r between the ridge H&E->RNA "

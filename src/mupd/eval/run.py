@@ -21,7 +21,7 @@ from .baselines import RidgeBaseline
 from .features import FEATURE_NAMES
 from .generation import DEFAULT_PROMPT, FeatureSpace, evaluate_rna_to_he, evaluate_text_to_he
 from ..data.sections import HELDOUT_SECTIONS, TRAIN_SECTIONS
-from .markers import evaluate_markers, marker_targets
+from .markers import RIDGE_CNN, evaluate_markers, marker_targets
 from .spots import build_spot_table
 
 #: Text attributes (marker -> gene) scored for text->H&E.
@@ -43,7 +43,9 @@ class EvalSettings:
     # Sizes; `quick` replaces the None/defaults with small ones.
     train_spots: Optional[int] = None  # per section; None: all
     heldout_spots: Optional[int] = None
-    n_tiles: int = 64  # generated tiles per set (FD halves, prompts)
+    n_tiles: int = 64  # generated tiles per prompt (text->H&E); quick: also per RNA->H&E set
+    rna_tiles: Optional[int] = None  # tiles per RNA->H&E set (FD / FID / KID); None: half the
+    # primary held-out section, i.e. every B4 tile in one of the two halves (141); quick: n_tiles
     steps: int = 20  # generation sampling steps
     translate_steps: int = 1
     calibration_spots: int = 200
@@ -87,6 +89,16 @@ def run_evaluation(model: Any, out: Path | str, settings: EvalSettings,
     heldout = build_spot_table(settings.data_root, HELDOUT_SECTIONS, genes, tile_size, mpp, settings.heldout_spots)
     primary = heldout.subset(heldout.section_index(HELDOUT_SECTIONS[0]))
     ridge = RidgeBaseline().fit(train.features, train.expression[genes].to_numpy(), list(train.section_of))
+    from .pretrained import EfficientNetLite0Features, InceptionFeatures
+
+    cnn = EfficientNetLite0Features()
+    progress(ProgressEvent("features", 0, 2, f"EfficientNet-Lite0: {len(train)} training tiles"))
+    cnn_train = cnn(train.tiles)
+    progress(ProgressEvent("features", 1, 2, f"EfficientNet-Lite0: {len(heldout)} held-out tiles"))
+    cnn_held = cnn(heldout.tiles)
+    progress(ProgressEvent("features", 2, 2, "ridge on EfficientNet-Lite0 features"))
+    ridge_cnn = RidgeBaseline().fit(cnn_train, train.expression[genes].to_numpy(), list(train.section_of))
+    inception = InceptionFeatures()
     encoder = None
     if settings.encoder:
         from .encoder import ImageEncoder
@@ -98,16 +110,18 @@ def run_evaluation(model: Any, out: Path | str, settings: EvalSettings,
         "split": {"train": list(TRAIN_SECTIONS), "heldout": list(HELDOUT_SECTIONS),
                   "primary_heldout": HELDOUT_SECTIONS[0],
                   "rule": "patient-level: patient C trains; patients B and A never seen"},
-        "feature_extractor": {"handcrafted": list(FEATURE_NAMES),
-                              "encoder": encoder.name if encoder else None},
+        "feature_extractor": {"handcrafted": list(FEATURE_NAMES), "inception": inception.name,
+                              "efficientnet": cnn.name, "encoder": encoder.name if encoder else None},
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("data_root", "overwrite")},
     }
     results["markers"] = evaluate_markers(train, heldout, markers, ridge, pipeline, seeds,
                                           settings.translate_steps, settings.calibration_spots,
-                                          settings.bootstrap, progress, cancel)
-    space = FeatureSpace(train, encoder)
+                                          settings.bootstrap, progress, cancel,
+                                          feature_ridges={RIDGE_CNN: (ridge_cnn, cnn_train, cnn_held)})
+    space = FeatureSpace(train, encoder, inception)
+    rna_tiles = settings.rna_tiles or (settings.n_tiles if settings.quick else len(primary) // 2)
     results["rna_to_he"] = evaluate_rna_to_he(pipeline, train, primary, genes, ridge, space, seeds,
-                                              settings.n_tiles, settings.steps, progress, cancel)
+                                              rna_tiles, settings.steps, progress, cancel)
     attributes = {m: g for m, g in TEXT_ATTRIBUTES.items() if g in genes}
     results["text_to_he"] = evaluate_text_to_he(pipeline, train, primary, attributes, seeds,
                                                 settings.n_tiles, settings.steps, settings.prompt,
