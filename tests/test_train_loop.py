@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -303,3 +304,12 @@ def test_train_from_config_writes_model_folder_and_card(tmp_path):
         train(config, pipeline=SavingStandIn())
     with pytest.raises(OutputExistsError, match="already trained to 4 steps"):
         train(config, pipeline=SavingStandIn(), resume=True)
+    # A run stopped early (no model/ yet) is finished at its newest checkpoint, training nothing;
+    # to fewer steps than that checkpoint it is refused.
+    shutil.rmtree(model)
+    result = train(config, pipeline=SavingStandIn(), resume=True)
+    assert (model / "weights.safetensors").is_file() and result.steps == 4
+    assert np.isfinite(result.final_loss) and "steps: 4" in (model / "MODEL_CARD.md").read_text()
+    fewer = config_from_dict({**config.to_dict(), "optim": {**config.to_dict()["optim"], "max_steps": 2}})
+    with pytest.raises(OutputExistsError, match="already trained to 4 steps"):
+        train(fewer, pipeline=SavingStandIn(), resume=True)

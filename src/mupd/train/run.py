@@ -76,15 +76,17 @@ def cached_latents(config: TrainConfig, pipeline: Any, samples: Sequence[Sample]
 
 
 def _check_output(run_dir: Path, resume: bool, max_steps: int, product: str = "model") -> None:
-    """A run folder is only continued with --resume, and only to more steps than it has
-    (`product`: the folder a finished run leaves in it)."""
+    """A run folder is only continued with --resume, and never to fewer steps than it has; to as
+    many as its newest checkpoint, it writes that checkpoint's model (a run stopped early is
+    finished so). `product`: the folder a finished run leaves in it."""
     latest = CheckpointManager(run_dir / "checkpoints").latest()
     if not resume and (latest is not None or (run_dir / product).exists()):
         raise OutputExistsError(f"{run_dir} holds an earlier run; pass --resume to continue it "
                                 f"(with more steps to extend it) or choose another output folder")
-    if resume and latest is not None and int(latest.name.split("-")[1]) >= max_steps:
-        raise OutputExistsError(f"{run_dir} is already trained to {latest.name.split('-')[1].lstrip('0')} "
-                                f"steps; raise optim.max_steps to train further")
+    done = int(latest.name.split("-")[1]) if resume and latest is not None else 0
+    if done > max_steps or (done == max_steps and (run_dir / product).exists()):
+        raise OutputExistsError(f"{run_dir} is already trained to {done} steps; raise "
+                                f"optim.max_steps to train further")
 
 
 def train(config: TrainConfig, resume: bool = False, progress: Optional[ProgressCallback] = None,

@@ -225,16 +225,19 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         steps_run = optim.max_steps - start
         return TrainResult(
-            run_dir=self.run_dir, steps=optim.max_steps, final_loss=last_loss,
-            first_loss=self._first_logged_loss(first_loss), wall_seconds=wall_before + elapsed,
+            run_dir=self.run_dir, steps=optim.max_steps,
+            final_loss=last_loss if steps_run else self._logged_loss(-1, last_loss),
+            first_loss=self._logged_loss(0, first_loss), wall_seconds=wall_before + elapsed,
             samples_per_second=steps_run * self.order.global_batch * accum / max(elapsed, 1e-9),
             checkpoint=last_ckpt, num_processes=acc.num_processes, device=str(acc.device))
 
-    def _first_logged_loss(self, fallback: float) -> float:
+    def _logged_loss(self, row: int, fallback: float) -> float:
+        """The loss of log row `row` (0: first, -1: last), or `fallback` without a log."""
         if self.log_path.exists():
             with open(self.log_path, newline="") as fh:
-                for row in csv.DictReader(fh):
-                    return float(row["loss"])
+                rows = list(csv.DictReader(fh))
+            if rows:
+                return float(rows[row]["loss"])
         return fallback
 
     def apply_ema(self) -> None:
