@@ -70,14 +70,32 @@ def test_bundled_taef2_codes_real_he():
 
 
 def test_taef2_codec_saves_into_a_model_folder(tmp_path):
-    """Inside a model folder the codec is copied (config + safetensors) and reloads as TAEF2."""
+    """Inside a model folder the codec is copied (config + safetensors, float16 as published:
+    lossless, half the bytes) and reloads as the same float32 TAEF2."""
+    from safetensors import safe_open
+
     codec = build_codec({"type": "vae", "path": str(BUNDLED)})
     save_codec(codec, tmp_path / "codec")
+    weights = tmp_path / "codec" / "vae" / "diffusion_pytorch_model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert weights.stat().st_size < 6e6
     assert json.loads((tmp_path / "codec" / "vae" / "config.json").read_text())["_class_name"] == "TAEF2"
     again = load_codec(tmp_path / "codec")
     assert isinstance(again, VAECodec) and isinstance(again.vae, TAEF2)
+    assert next(again.vae.parameters()).dtype == torch.float32
     x = torch.rand(1, 3, 64, 64) * 2 - 1
-    torch.testing.assert_close(again.encode(x), codec.encode(x))
+    torch.testing.assert_close(again.encode(x), codec.encode(x), atol=0, rtol=0)
+
+
+def test_weights_that_are_not_half_values_are_saved_as_they_are(tmp_path):
+    from mupd.models.codec import save_half_if_lossless
+
+    model = TAEF2(width=8, latent_channels=4, stages=1)  # random float32 init: not half values
+    save_half_if_lossless(model, tmp_path / "m")
+    again = TAEF2.from_pretrained(tmp_path / "m")
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_unknown_autoencoder_class_is_named(tmp_path):

@@ -212,12 +212,20 @@ def build_codec(spec: dict[str, Any]) -> Codec:
     raise ModelError(f"codec type {kind!r} unknown; use 'pixel' or 'vae'")
 
 
+def save_half_if_lossless(model: Any, folder: Path) -> None:
+    """`save_pretrained` in float16 when every weight is exactly a float16 value (TAEF2 is
+    published so: half the bytes, the same numbers), else as it is. Loading gives float32."""
+    exact = all(torch.equal(p, p.half().to(p.dtype)) for p in model.state_dict().values()
+                if p.is_floating_point())
+    (copy.deepcopy(model).half() if exact else model).save_pretrained(folder, safe_serialization=True)
+
+
 def save_codec(codec: Codec, folder: Path) -> None:
     """`codec.json`, plus the VAE itself (diffusers format, safetensors) for a VAE codec."""
     folder.mkdir(parents=True, exist_ok=True)
     spec = codec.config()
     if isinstance(codec, VAECodec):
-        codec.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        save_half_if_lossless(codec.vae, folder / "vae")
         spec = {"type": "vae", "path": "vae", "source": codec.source}
     (folder / CODEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
 

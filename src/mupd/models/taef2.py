@@ -97,12 +97,14 @@ class TAEF2(ModelMixin, ConfigMixin):
 def convert(encoder_pth: Path, decoder_pth: Path, out: Path,
             scaling_factor: Optional[float] = None) -> TAEF2:
     """Load the published state dicts (tensors only: `weights_only=True`) into `TAEF2` and save
-    it as a diffusers folder; every tensor must match, none may be left over."""
+    it as a diffusers folder (float16, as published); every tensor must match, none left over."""
     model = TAEF2(scaling_factor=scaling_factor or 1.0)
     for half, path in (("encoder", encoder_pth), ("decoder", decoder_pth)):
         state = torch.load(path, map_location="cpu", weights_only=True)
         getattr(model, half).load_state_dict(state, strict=True)
-    model.save_pretrained(out, safe_serialization=True)
+    from .codec import save_half_if_lossless
+
+    save_half_if_lossless(model, out)
     return model
 
 
