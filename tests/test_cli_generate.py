@@ -87,3 +87,62 @@ def test_mosaic_fills_a_near_square_grid_with_white():
     grid = mosaic(tiles)
     assert grid.shape == (4, 6, 3)  # 3 columns x 2 rows
     assert np.array_equal(grid[2:4, 2:4], tiles[4]) and (grid[2:4, 4:6] == 255).all()
+
+
+# -- hardening: one line naming the file or field, exit 2, no traceback (unless --debug) ---------
+def _break(model, tmp_path, how: str):
+    """A copy of `model` with one file broken the way `how` says."""
+    import json
+    import shutil
+
+    folder = tmp_path / f"model-{how}"
+    shutil.copytree(model, folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    index, config = folder / "model_index.json", folder / "transformer" / "config.json"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    elif how == "shapes":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_size": 96}))
+    elif how == "index":
+        index.write_text(index.read_text()[:40])
+    elif how == "key":
+        data = json.loads(index.read_text())
+        del data["config"]["tile_size"]
+        index.write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize("how, named", [
+    ("truncated", "transformer"), ("shapes", "transformer"), ("index", "model_index.json"),
+    ("key", "model_index.json")])
+def test_a_broken_model_file_is_one_line_naming_it(model, tmp_path, capsys, how, named):
+    broken = _break(model, tmp_path, how)
+    argv = ["generate", "--text", "x", "-n", "1", "--steps", "1", "--model", str(broken),
+            "--device", "cpu", "--out", str(tmp_path / "gen")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mupd generate: error: cannot load ")
+    assert str(broken / named) in err[0] and "Traceback" not in err[0]
+    from mupd.errors import ModelError
+
+    with pytest.raises(ModelError, match=named):  # --debug: the exception itself, traceback and all
+        main(["--debug", *argv])
+
+
+def test_bad_text_and_an_out_under_a_file_are_refused_before_any_compute(tmp_path, capsys):
+    import os
+
+    nowhere = str(tmp_path / "no-model")  # refused before the model would be looked at
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--text", os.fsdecode(b"HER2 \xff\xfe"), "--out", str(tmp_path / "g"),
+              "--model", nowhere])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "mupd generate: error: argument --text: text is not valid UTF-8 text (it holds an unpaired "
+        "surrogate)")
+    (tmp_path / "file").write_text("mine")
+    assert main(["generate", "--text", "x", "--out", str(tmp_path / "file" / "gen"), "--model", nowhere]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mupd generate: error: output {tmp_path / 'file' / 'gen'} lies under "
+                   f"{tmp_path / 'file'}, which is a file, not a folder; choose another --out"]
+    assert (tmp_path / "file").read_text() == "mine"

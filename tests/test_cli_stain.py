@@ -71,7 +71,9 @@ def test_existing_output_is_refused_untouched(cmu, tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     code = main(["stain", cmu, "--stains", "Ki67", "--out", str(out), "--model", str(tmp_path / "nomodel")])
-    assert code == 2 and "already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "already exists" in err
+    assert "--overwrite" not in err and "choose another --out" in err  # stain has no --overwrite
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
@@ -103,6 +105,6 @@ def test_steps_out_of_range_are_refused_while_parsing(tmp_path, capsys, steps):
               "--model", str(tmp_path / "no-model"), "--steps", steps])
     assert exit.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"mupd stain: error: argument --steps: {steps} sampling steps: must be "
-                       f"1..{MAX_STEPS}")
+    assert err[-1] == (f"mupd stain: error: argument --steps: steps={steps}: must be a whole number "
+                       f"1..{MAX_STEPS}")  # the words the server answers with
     assert not (tmp_path / "out").exists()

@@ -151,3 +151,54 @@ def test_reads_ngff_v04_written_by_ome_zarr(tmp_path, fluorescence):
         assert s.channel_names == ["channel 0", "channel 1", "channel 2"]
         np.testing.assert_array_equal(s.read_region((5, 6), (100, 80)), image[6:86, 5:105])
         np.testing.assert_array_equal(s.levels[1].compute(), image[::2, ::2])
+
+
+# -- hardening: what a SIGKILLed run leaves behind is cleared by the next run into the place ---
+KILLED_WRITE = r"""
+import os, signal, sys
+from pathlib import Path
+from mupd.io.atomic import atomic_output
+
+final, stage = Path(sys.argv[1]), sys.argv[2]
+replace = os.replace
+calls = []
+
+def replace_then_die(src, dst):  # dies between moving the old output aside and renaming the new in
+    calls.append(src)
+    replace(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+with atomic_output(final, overwrite=True) as tmp:
+    tmp.mkdir()
+    (tmp / "half.bin").write_bytes(b"x" * 1000)
+    if stage == "writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.replace = replace_then_die
+"""
+
+
+def _killed(final, stage):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(final), stage], timeout=60)
+    assert proc.returncode == -9
+
+
+def test_a_killed_runs_partial_output_is_removed_by_the_next_run(tmp_path, rgb_crop):
+    target = tmp_path / "x.ome.zarr"
+    _killed(target, "writing")
+    assert [p.name.endswith(".partial") for p in tmp_path.iterdir()] == [True]  # what a kill leaves
+    write_ome_zarr(target, rgb_crop[:64, :64], mpp=0.5)
+    assert os.listdir(tmp_path) == ["x.ome.zarr"]
+
+
+def test_an_output_a_killed_run_moved_aside_is_put_back(tmp_path, rgb_crop):
+    target = write_ome_zarr(tmp_path / "x.ome.zarr", rgb_crop[:64, :80], mpp=0.5)
+    _killed(target, "renaming")
+    assert not target.exists() and sorted(p.suffix for p in tmp_path.iterdir()) == [".old", ".partial"]
+    with pytest.raises(OutputExistsError):  # put back first, so it is protected as before
+        write_ome_zarr(target, rgb_crop[:32, :32], mpp=0.5)
+    assert os.listdir(tmp_path) == ["x.ome.zarr"]
+    with open_slide(target) as s:
+        assert s.dimensions == (80, 64)

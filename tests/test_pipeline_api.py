@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -265,3 +266,91 @@ def test_config_overrides_are_checked():
         MuPDPipeline.from_config_name("huge")
     with pytest.raises(ModelError, match="tile size 36 px is not a multiple of 8"):
         MuPDPipeline.from_config_name("tiny", tile_size=36)
+
+
+# -- hardening: what a model folder may refer to, and saves that die midway -----------------
+class _Unpickled:
+    """Unpickling this creates `marker`: proof that a pickle ran code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _pickled_encoder(folder, marker):
+    """A transformers-looking text encoder folder whose only weights are a pickle."""
+    from mupd.models.text import default_encoder_dir
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text((default_encoder_dir() / "config.json").read_text())
+    torch.save({"weight": _Unpickled(marker)}, folder / "pytorch_model.bin")
+    return folder
+
+
+def _point_text_encoder(model, reference):
+    index = json.loads((model / "model_index.json").read_text())
+    index["text_encoder"] = index["config"]["text_encoder"] = str(reference)
+    (model / "model_index.json").write_text(json.dumps(index))
+
+
+def test_a_model_folder_refers_only_to_safetensors_files_inside_it(tmp_path, pipe):
+    marker = tmp_path / "pickle-ran"
+    outside = _pickled_encoder(tmp_path / "elsewhere" / "encoder", marker)
+    model = pipe.save_pretrained(tmp_path / "m")
+    _point_text_encoder(model, outside)  # outside the model folder: refused by where it is
+    with pytest.raises(ModelError, match=r"refers to .*elsewhere/encoder.*outside"):
+        MuPDPipeline.from_pretrained(model)
+    with pytest.raises(ModelError, match=r"no \.safetensors weights .*pytorch_model\.bin"):
+        MuPDPipeline.from_pretrained(model, roots=[tmp_path / "elsewhere"])  # a root: by its weights
+    _pickled_encoder(model / "encoder", marker)
+    _point_text_encoder(model, "encoder")  # inside, relative to the model folder: by its weights
+    with pytest.raises(ModelError, match=r"m/encoder has no \.safetensors .*pytorch_model\.bin"):
+        MuPDPipeline.from_pretrained(model)
+    assert not marker.exists()
+
+    other = pipe.save_pretrained(tmp_path / "m2")
+    spec = json.loads((other / "codec" / "codec.json").read_text())
+    (other / "codec" / "codec.json").write_text(json.dumps({**spec, "type": "vae", "path": "../../vae"}))
+    with pytest.raises(ModelError, match=r"refers to .*vae.*outside"):  # the codec's VAE
+        MuPDPipeline.from_pretrained(other)
+    (other / "codec" / "codec.json").write_text(json.dumps(spec))
+    weights = other / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.rename(tmp_path / "weights.safetensors")
+    weights.symlink_to(tmp_path / "weights.safetensors")  # a symlink leaving the folder
+    with pytest.raises(ModelError, match=r"diffusion_pytorch_model\.safetensors.*outside"):
+        MuPDPipeline.from_pretrained(other)
+    assert MuPDPipeline.from_pretrained(other, roots=[tmp_path]).tile_size == pipe.tile_size
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsync'd files through /proc")
+def test_a_save_that_dies_midway_leaves_the_old_model_whole(tmp_path, he_tiles, monkeypatch):
+    import mupd.pipeline as pipeline_module
+
+    old, new = small_pipeline(seed=1), small_pipeline(seed=2)
+    folder = old.save_pretrained(tmp_path / "model")
+    (folder / "run").mkdir()
+    (folder / "run" / "step-10.safetensors").write_bytes(b"checkpoint")  # a fine-tune's, beside it
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    def die(*args):
+        raise RuntimeError("killed")  # after the transformer is written, before the codec
+
+    monkeypatch.setattr(pipeline_module, "save_codec", die)
+    with pytest.raises(RuntimeError, match="killed"):
+        new.save_pretrained(folder, overwrite=True)
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary left
+    monkeypatch.undo()
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd)))
+    new.save_pretrained(folder, overwrite=True)
+    assert (folder / "run" / "step-10.safetensors").read_bytes() == b"checkpoint"  # kept
+    assert any(s.endswith("transformer/diffusion_pytorch_model.safetensors") for s in synced)
+    assert str(tmp_path) in synced  # the rename itself is flushed
+    kw = dict(text="tumour", num_images=1, steps=2, seed=4)
+    assert np.array_equal(MuPDPipeline.from_pretrained(folder).generate(**kw), new.generate(**kw))

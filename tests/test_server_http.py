@@ -256,3 +256,99 @@ def test_unknown_job_is_404(remote):
     with pytest.raises(RemoteError, match="no fine-tune job") as err:
         remote.job_status("0123456789ab")
     assert err.value.status_code == 404
+
+
+# -- hardening: each field checked by type and range at the boundary (4xx naming it, never 500)
+def _meta_npz(meta: str) -> bytes:
+    """An npz whose JSON is written by hand (escapes json.dumps would never produce)."""
+    buf = io.BytesIO()
+    np.savez(buf, **{wire.META_KEY: np.frombuffer(meta.encode(), dtype=np.uint8)})
+    return buf.getvalue()
+
+
+def _broken_shapes_model(server) -> str:
+    import json
+    import shutil
+
+    folder = server.root / "models" / "wrong-shapes"
+    if not folder.exists():
+        shutil.copytree(server.model, folder)
+        config = folder / "transformer" / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_size": 96}))
+    return str(folder)
+
+
+BAD_FIELDS = [  # (endpoint, body, field the answer must name)
+    ("/translate", '{"slide_path": "a\\u0000.png", "stains": ["HER2"]}', "slide_path"),
+    ("/models/load", '{"path": "/x\\u0000y"}', "path"),
+    ("/translate", '{"slide_path": "steps.png", "stains": ["HER2"], "box": [0, 0, 1e400, 8]}', "box[2]"),
+    ("/generate", '{"text": "\\ud800 carcinoma", "steps": 1, "num_images": 1}', "text"),
+    ("/translate", '{"slide_path": "steps.png", "stains": ["H\\udfffR2"]}', "stains[0]"),
+    ("/generate", f'{{"seed": {2**70}, "steps": 1, "num_images": 1}}', "seed"),
+    ("/translate", f'{{"slide_path": "steps.png", "stains": ["HER2"], "seed": {2**70}}}', "seed"),
+    ("/generate", '{"num_images": "1", "steps": 1}', "num_images"),
+    ("/translate", '{"slide_path": "steps.png", "stains": ["HER2"], "slide_mpp": "0.5"}', "slide_mpp"),
+    ("/translate", '{"slide_path": "steps.png", "stains": ["HER2"], "guidance": {"source": "2"}}',
+     "guidance['source']"),
+    ("/jobs/finetune", '{"data_dir": "d", "output_dir": "o", "steps": "9"}', "steps"),
+    ("/models/load", None, "wrong-shapes/transformer"),  # a model config with wrong shapes
+]
+
+
+@pytest.mark.parametrize("path, body, field", BAD_FIELDS, ids=[f"{p}:{f}" for p, _, f in BAD_FIELDS])
+def test_bad_fields_get_4xx_naming_the_field(server, path, body, field):
+    if body is None:
+        body = '{"path": "%s"}' % _broken_shapes_model(server)
+    if path == "/generate":
+        kind, content = wire.NPZ_MEDIA_TYPE, _meta_npz(body)
+    else:
+        kind, content = "application/json", body.encode()
+    r = httpx.post(f"{server.url}{path}", content=content, timeout=60,
+                   headers={**server.headers, "Content-Type": kind})
+    assert r.status_code in (400, 422), r.text[:300]
+    assert field in r.json()["detail"], r.json()
+    assert server.alive() and "internal error" not in server.log.read_text()
+
+
+def test_a_model_whose_text_encoder_is_a_pickle_outside_the_root_is_not_loaded(server, tmp_path, tiny_model):
+    import json
+    import shutil
+
+    import torch
+
+    outside = tmp_path / "encoder"  # outside the server's model root
+    outside.mkdir()
+    from mupd.models.text import default_encoder_dir
+
+    shutil.copy(default_encoder_dir() / "config.json", outside / "config.json")
+    torch.save({"weight": torch.zeros(2)}, outside / "pytorch_model.bin")
+    model = server.root / "models" / "pickled-encoder"
+    shutil.copytree(tiny_model, model)
+    index = json.loads((model / "model_index.json").read_text())
+    index["text_encoder"] = index["config"]["text_encoder"] = str(outside)
+    (model / "model_index.json").write_text(json.dumps(index))
+    try:
+        r = httpx.post(f"{server.url}/models/load", json={"path": str(model)}, headers=server.headers,
+                       timeout=120)
+        assert r.status_code == 400, r.text[:300]
+        assert str(outside) in r.json()["detail"] and "outside" in r.json()["detail"]
+        assert httpx.get(f"{server.url}/info", headers=server.headers, timeout=30).json()[
+            "model_path"] == str(tiny_model)  # still serving the model it had
+    finally:
+        httpx.post(f"{server.url}/models/load", json={"path": str(tiny_model)}, headers=server.headers,
+                   timeout=120)
+
+
+def test_an_existing_output_gets_409_saying_what_the_client_can_do(server):
+    from PIL import Image
+
+    Image.fromarray(immunohistochemistry()[:64, :64]).save(server.root / "slides" / "out-src.png")
+    taken = server.root / "slides" / "results"
+    taken.mkdir(exist_ok=True)
+    (taken / "mine.txt").write_text("user data")
+    r = httpx.post(f"{server.url}/translate", headers=server.headers, timeout=60, json={
+        "slide_path": "out-src.png", "stains": ["HER2"], "slide_mpp": 1.0, "output_path": str(taken)})
+    assert r.status_code == 409, r.text[:300]
+    detail = r.json()["detail"]
+    assert "--overwrite" not in detail and "output_path" in detail
+    assert [p.name for p in taken.iterdir()] == ["mine.txt"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -83,3 +84,23 @@ def test_confine_resolves_symlinks_and_refuses_escapes(tmp_path):
             confine(bad, [root.resolve()], "slide path")
     with pytest.raises(AccessDenied, match="--slide-root"):
         confine("a.svs", [], "slide path")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsync'd files through /proc")
+def test_job_records_are_written_atomically_and_fsynced(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mupd.engine.api import FinetuneRequest
+    from mupd.engine.server import Server, ServerConfig
+
+    engine = SimpleNamespace(info=lambda: SimpleNamespace(model_path=str(tmp_path)))
+    server = Server(engine, ServerConfig(state_dir=str(tmp_path / "state")))
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd)))
+    server._write_record("abc123", FinetuneRequest("d", "o"), "running")
+    jobs = tmp_path / "state" / "jobs"
+    assert [p.name for p in jobs.iterdir()] == ["abc123.json"]  # no temporary left
+    assert any(s.startswith(str(jobs / ".abc123.json.")) for s in synced)  # the data, before the rename
+    assert str(jobs) in synced  # the rename
+    assert server.job_status("abc123").state == "running"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from skimage.data import immunohistochemistry
@@ -76,6 +78,35 @@ def test_cancel_from_progress_stops_within_one_batch_and_cleans_up(cmu, tmp_path
         RegionTranslator(pipe, batch_size=batch, tissue_only=False)(
             cmu, ["Ki67"], box=(0, 0, 2000, 2000), progress=progress, cancel=token, workdir=tmp_path)
     assert pipe.tiles_seen == 2 * batch
+    assert list(tmp_path.iterdir()) == []
+
+
+KILLED_RUN = r"""
+import os, signal, sys
+from skimage.data import immunohistochemistry
+from mupd.slides import ArraySlide, RegionTranslator
+from test_slides_support import TileContextPipeline
+
+def die(event):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+RegionTranslator(TileContextPipeline(), tissue_only=False)(
+    ArraySlide(immunohistochemistry()[:256, :256], mpp=1.0), ["HER2"], workdir=sys.argv[1], progress=die)
+"""
+
+
+def test_sums_of_a_killed_run_are_removed_by_the_next_run(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tmp_path)], env=env, timeout=120)
+    assert proc.returncode == -9
+    assert [p.name.startswith("mupd-acc-") for p in tmp_path.iterdir()] == [True]  # what a kill leaves
+    slide = ArraySlide(immunohistochemistry()[:256, :256], mpp=1.0)
+    RegionTranslator(TileContextPipeline(), tissue_only=False)(slide, ["HER2"], workdir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,7 +390,9 @@ class RegionTranslator:
 
     def new_sums(self, plan: RegionPlan, render_brightfield: bool,
                  workdir: Optional[Path] = None) -> RegionSums:
-        tmp = Path(tempfile.mkdtemp(prefix="mupd-acc-", dir=workdir))
+        from .io.atomic import owned_tempdir
+
+        tmp = owned_tempdir("mupd-acc-", workdir)  # also removes those of killed runs
         on_disk = plan.out_shape[0] * plan.out_shape[1] > IN_MEMORY_LIMIT_PX
 
         chunk = max(self.pipeline.tile_size, 256)  # a tile touches at most 4 chunks
@@ -639,14 +640,17 @@ def write_translation(result: RegionTranslation, out_dir: str | Path, source: st
     return out
 
 
-def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Refuse (before any work) an output folder that exists with content, unless `overwrite`."""
+def check_output_folder(out_dir: str | Path, overwrite: bool = False,
+                        remedy: str = "choose another output folder") -> Path:
+    """Refuse (before any work) an output folder that exists with content, unless `overwrite`,
+    or that cannot be made (a file on its way); `remedy` says what the caller's user can do."""
     from .errors import OutputExistsError
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output {out} exists and is a file, not a folder; choose another name")
+    blocker = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is a file" if blocker == out else f"lies under {blocker}, which is a file"
+        raise OutputExistsError(f"output {out} {where}, not a folder; {remedy}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {out} already exists and is not empty; "
-                                "choose another or pass --overwrite")
+        raise OutputExistsError(f"output folder {out} already exists and is not empty; {remedy}")
     return out

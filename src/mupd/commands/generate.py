@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..errors import ConditionError, OutputExistsError
-from . import steps_arg
+from ..engine.api import GenerateRequest
+from ..errors import ConditionError
+from . import request_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate tiles from a text prompt and/or an RNA profile")
-    p.add_argument("--text", default=None, help='clinical text, e.g. "HER2-positive carcinoma"')
+    p.add_argument("--text", type=request_arg(GenerateRequest, "text", str), default=None,
+                   help='clinical text, e.g. "HER2-positive carcinoma"')
     p.add_argument("--rna", default=None, help="expression profile: CSV/TSV (gene, value) or .h5ad")
     p.add_argument("--rna-normalized", action="store_true",
                    help="values are already log-normalised (default: raw counts, CPM + log1p)")
     p.add_argument("--stain", default="H&E")
-    p.add_argument("-n", "--num-images", type=int, default=4)
-    p.add_argument("--steps", type=steps_arg, default=20)
+    p.add_argument("-n", "--num-images", type=request_arg(GenerateRequest, "num_images", int), default=4)
+    p.add_argument("--steps", type=request_arg(GenerateRequest, "steps", int), default=20)
     p.add_argument("--guidance", nargs="*", default=[], metavar="MODALITY=SCALE",
                    help="per-modality guidance, e.g. text=3 rna=2")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=request_arg(GenerateRequest, "seed", int), default=0)
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="output folder for tiles and mosaic.png")
@@ -59,15 +60,13 @@ def mosaic(images: np.ndarray, columns: int | None = None, gap: int = 0) -> np.n
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.api import GenerateRequest
     from ..engine.local import LocalEngine
     from ..models.rna import read_profile
+    from ..slides import check_output_folder
 
     if args.text is None and args.rna is None:
         print("note: no text and no RNA given: unconditional samples")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise OutputExistsError(f"output folder {out} is not empty; choose another")
+    out = check_output_folder(args.out, remedy="choose another --out")  # before compute
     rna = read_profile(args.rna) if args.rna else None
     engine = LocalEngine(args.model, device=args.device)
     result = engine.generate(GenerateRequest(

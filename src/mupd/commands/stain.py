@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..engine.api import TranslateRequest
 from ..errors import RegionError
-from . import steps_arg
+from . import request_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "exist or be empty")
     p.add_argument("--ome-tiff", action="store_true", help="also write a pyramidal OME-TIFF per stain")
     p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
-    p.add_argument("--mpp", type=float, default=None, help="slide um/px when the file has none")
-    p.add_argument("--steps", type=steps_arg, default=1, help="sampling steps (1: one-step readout)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mpp", type=request_arg(TranslateRequest, "slide_mpp", float), default=None,
+                   help="slide um/px when the file has none")
+    p.add_argument("--steps", type=request_arg(TranslateRequest, "steps", int), default=1,
+                   help="sampling steps (1: one-step readout)")
+    p.add_argument("--seed", type=request_arg(TranslateRequest, "seed", int), default=0)
     p.add_argument("--no-render", action="store_true", help="skip the brightfield DAB rendering")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from ..slides import check_output_folder
     from .console import ConsoleProgress
 
-    check_output_folder(args.out)  # before loading the model or reading a pixel
+    check_output_folder(args.out, remedy="choose another --out (mupd stain never replaces or "
+                        "deletes files)")  # before loading the model or reading a pixel
 
     if args.geojson:
         regions = read_geojson(args.geojson)

@@ -14,9 +14,19 @@ import numpy as np
 
 from ..progress import CancelToken, ProgressCallback
 
-#: Most sampling steps one request may ask for (`mupd serve`'s `max_steps`, `mupd stain --steps`):
+#: Most sampling steps one request may ask for (`mupd serve`, `mupd stain/generate --steps`):
 #: work and memory grow with steps, so an unbounded count lets one request take the host.
 MAX_STEPS = 1000
+#: Seeds are 0..2**63-1: torch's generator takes no more (a larger one was a 500, not a 4xx).
+MAX_SEED = 2**63 - 1
+#: Micrometres per pixel a request may state for a slide or an upload.
+MPP_RANGE = (1e-4, 1e4)
+
+
+def bounded(default: Any, low: float, high: float) -> Any:
+    """A dataclass field whose number the wire and the CLI refuse outside low..high (see
+    `wire.check_value`): the range lives with the field, checked once at the boundary."""
+    return field(default=default, metadata={"range": (low, high)})
 
 
 @dataclass
@@ -39,10 +49,10 @@ class TranslateRequest:
     # Either a box (x, y, width, height) or a polygon [(x, y), ...], level-0 pixels.
     box: Optional[tuple[int, int, int, int]] = None
     polygon: Optional[list[tuple[float, float]]] = None
-    steps: int = 1
+    steps: int = bounded(1, 1, MAX_STEPS)
     guidance: dict[str, float] = field(default_factory=dict)
-    seed: int = 0
-    slide_mpp: Optional[float] = None  # user override when the file has no mpp
+    seed: int = bounded(0, 0, MAX_SEED)
+    slide_mpp: Optional[float] = bounded(None, *MPP_RANGE)  # user override when the file has no mpp
     render_brightfield: bool = True  # also render marker maps as a DAB-on-hematoxylin IHC image
     output_path: Optional[str] = None  # OME-Zarr written here when given (never overwritten)
     ome_tiff: bool = False  # with output_path: also a pyramidal OME-TIFF per layer
@@ -76,10 +86,10 @@ class GenerateRequest:
     rna_normalized: bool = False  # False: raw counts, CPM + log1p applied
     reference: Optional[np.ndarray] = None  # (H, W, 3) uint8 H&E tile for the reference stream
     stain: str = "H&E"
-    num_images: int = 4
-    steps: int = 20
+    num_images: int = bounded(4, 1, 2**31 - 1)
+    steps: int = bounded(20, 1, MAX_STEPS)
     guidance: dict[str, float] = field(default_factory=dict)  # modality -> CFG scale
-    seed: int = 0
+    seed: int = bounded(0, 0, MAX_SEED)
 
 
 @dataclass
@@ -96,10 +106,10 @@ class FinetuneRequest:
     output_dir: str
     base_model: Optional[str] = None  # None: the engine's current model
     method: str = "lora"  # "lora" or "full"
-    steps: int = 200
+    steps: int = bounded(200, 1, 10**7)
     learning_rate: float = 1e-4
-    batch_size: int = 4
-    seed: int = 0
+    batch_size: int = bounded(4, 1, 4096)
+    seed: int = bounded(0, 0, MAX_SEED)
 
 
 @dataclass

@@ -59,17 +59,19 @@ class ModelRegistry:
         models = [m for m in self.list() if m != str(DEFAULT_MODEL)]
         if folder not in models:
             models.append(folder)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(models, indent=1))
-        tmp.replace(self.path)
+        from ..io.atomic import atomic_write_text
+
+        atomic_write_text(self.path, json.dumps(models, indent=1))
 
 
 class LocalEngine:
     """Engine running the pipeline in this process on the best local device."""
 
     def __init__(self, model_path: Optional[str] = None, device: str = "auto",
-                 registry: Optional[ModelRegistry] = None) -> None:
+                 registry: Optional[ModelRegistry] = None, model_roots: Sequence[str] = ()) -> None:
+        """`model_roots`: besides its own folder, where a model's files may lie (a server's roots)."""
         self.device = pick_device(device)
+        self.model_roots = list(model_roots)
         self.registry = registry or ModelRegistry()
         self.jobs = JobManager()
         self._lock = threading.Lock()  # one model call at a time on this device
@@ -84,7 +86,7 @@ class LocalEngine:
         folder = Path(path) if path else DEFAULT_MODEL
         if not folder.is_dir():
             raise ModelError(f"model folder {folder} does not exist")
-        pipeline = MuPDPipeline.from_pretrained(folder).to(self.device)
+        pipeline = MuPDPipeline.from_pretrained(folder, roots=self.model_roots).to(self.device)
         with self._lock:
             self._pipeline, self._model_path = pipeline, str(folder)
         return self.info()

@@ -32,7 +32,7 @@ from ..errors import CancelledError, ModelError, MuPDError, OutputExistsError
 from ..paths import DEFAULT_MODEL, cache_dir
 from ..progress import CancelToken, ProgressEvent
 from . import wire
-from .api import MAX_STEPS, FinetuneRequest, JobStatus, TranslateRequest
+from .api import FinetuneRequest, JobStatus, TranslateRequest
 from .jobs import JobManager
 from .remote import REQUEST_ID_HEADER, TERMINAL_STATES
 
@@ -71,7 +71,6 @@ class ServerConfig:
     max_request_bytes: int = 256 * 2**20
     max_output_pixels: int = 8192 * 8192  # per translate request, at the model's mpp
     max_images: int = 64
-    max_steps: int = MAX_STEPS
     max_waiting: int = 32  # inference requests queued for the device
     max_jobs: int = 4  # fine-tune jobs queued or running
 
@@ -156,14 +155,23 @@ def confine(path: str, roots: list[Path], what: str) -> Path:
         raise AccessDenied(f"this server has no folder configured for a {what} ({path!r}): "
                            "start it with the matching --slide-root / --model-root option")
     given = Path(path).expanduser()
-    if given.is_absolute():
-        resolved = given.resolve()
-    else:
-        candidates = [(root / given).resolve() for root in roots]
+    try:  # exists() stats each candidate: the OS may refuse the name itself (too long)
+        candidates = [given.resolve()] if given.is_absolute() else [(root / given).resolve() for root in roots]
         resolved = next((c for c in candidates if c.exists()), candidates[0])
+    except (OSError, ValueError) as exc:
+        shown = ascii(path) if len(path) <= 80 else ascii(path[:80]) + "..."
+        raise wire.WireError(f"{what} {shown} cannot be used: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
     if not any(resolved.is_relative_to(root) for root in roots):
         raise AccessDenied(f"{what} {path!r} is outside the folders this server may use")
     return resolved
+
+
+@dataclass
+class ModelLoad:
+    """The body of POST /models/load (null: the bundled model)."""
+
+    path: Optional[str] = None
 
 
 # -- the server -----------------------------------------------------------------------------
@@ -248,11 +256,12 @@ class Server:
 
     def _write_record(self, job_id: str, request: FinetuneRequest, state: str,
                       message: str = "", result_path: Optional[str] = None) -> None:
-        path = self._record_path(job_id)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"request": wire.to_json(request), "state": state,
-                                   "message": message, "result_path": result_path}))
-        tmp.replace(path)
+        """Atomic and fsync'd: a restart after a crash or power cut reads a whole record."""
+        from ..io.atomic import atomic_write_text
+
+        atomic_write_text(self._record_path(job_id), json.dumps(
+            {"request": wire.to_json(request), "state": state, "message": message,
+             "result_path": result_path}))
 
     def _read_record(self, job_id: str) -> Optional[dict]:
         path = self._record_path(job_id)
@@ -342,7 +351,9 @@ class Server:
 
 # -- HTTP -----------------------------------------------------------------------------------
 def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+    # a message quoting the request could hold a lone surrogate, which UTF-8 cannot carry
+    safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"detail": safe}, status_code=status, headers=headers)
 
 
 class Guard:
@@ -404,11 +415,7 @@ def create_app(server: Server, token: str) -> FastAPI:
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     async def json_body(request: Request) -> Any:
-        body = await request.body()
-        try:
-            return json.loads(body or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise wire.WireError(f"request body is not valid JSON: {exc}") from None
+        return wire.parse_json(await request.body() or b"null")
 
     @app.get("/health")
     async def health() -> dict:
@@ -424,10 +431,7 @@ def create_app(server: Server, token: str) -> FastAPI:
 
     @app.post("/models/load")
     async def load_model(request: Request) -> dict:
-        data = await json_body(request)
-        if not isinstance(data, dict) or set(data) - {"path"}:
-            raise wire.WireError('expected {"path": "<model folder>" or null}')
-        folder = server.model_path(data.get("path"))
+        folder = server.model_path(wire.from_json(ModelLoad, await json_body(request)).path)
         info = await server.run_on_device(
             request, "load model", lambda p, c: server.engine.load_model(str(folder) if folder else None))
         server._loadable.add(Path(info.model_path).resolve())
@@ -436,9 +440,8 @@ def create_app(server: Server, token: str) -> FastAPI:
     @app.post("/generate")
     async def generate(request: Request) -> Response:
         req = wire.decode_generate_request(await request.body(), 4 * cfg.max_request_bytes)
-        if not 1 <= req.num_images <= cfg.max_images:
+        if req.num_images > cfg.max_images:
             raise TooLarge(f"num_images={req.num_images}: this server generates 1..{cfg.max_images} per request")
-        _check_steps(req.steps, cfg)
         result = await server.run_on_device(
             request, "generate", lambda p, c: server.engine.generate(req, progress=p, cancel=c))
         return Response(wire.encode_generate_result(result), media_type=wire.NPZ_MEDIA_TYPE)
@@ -458,21 +461,20 @@ def create_app(server: Server, token: str) -> FastAPI:
             _check_output(req, server, slide)
             work = lambda p, c: server.engine.translate_slide(slide, req, progress=p, cancel=c)  # noqa: E731
         elif kind == "application/json":
-            try:
-                data = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise wire.WireError(f"request body is not valid JSON: {exc}") from None
-            req = wire.translate_request_from_json(data)
+            req = wire.translate_request_from_json(wire.parse_json(body))
             req.slide_path = str(server.slide_path(req.slide_path))
             if not Path(req.slide_path).exists():
                 raise NotFound(f"slide {req.slide_path} does not exist on the server")
             if req.output_path:
+                from ..slides import check_output_folder
+
                 req.output_path = str(confine(req.output_path, server.slide_roots, "output folder"))
+                check_output_folder(req.output_path, remedy="give another output_path (the server "
+                                    "never replaces results)")  # before the device queue
             work = lambda p, c: _translate_path(server, req, p, c)  # noqa: E731
         else:
             raise wire.WireError(f"POST /translate takes application/json (a slide path) or "
                                  f"{wire.NPZ_MEDIA_TYPE} (an uploaded region), not {kind or 'no type'!r}")
-        _check_steps(req.steps, cfg)
         result = await server.run_on_device(request, f"translate {Path(req.slide_path).name}", work)
         return Response(wire.encode_translate_result(result), media_type=wire.NPZ_MEDIA_TYPE)
 
@@ -517,13 +519,6 @@ def create_app(server: Server, token: str) -> FastAPI:
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
     return app
-
-
-def _check_steps(steps: Any, config: ServerConfig) -> None:
-    """/generate and /translate: a whole number of sampling steps, 1..max_steps (work and memory
-    grow with steps: one request asking for 1e9 would hold the device and the host)."""
-    if type(steps) is not int or not 1 <= steps <= config.max_steps:
-        raise wire.WireError(f"steps={steps!r}: must be a whole number 1..{config.max_steps}")
 
 
 def _check_output(req: TranslateRequest, server: Server, slide: Any) -> None:
@@ -577,7 +572,7 @@ def serve(host: str, port: int, token_file: str, config: ServerConfig, log_level
               f"this port and\nknows the token can run the model and read files under the "
               f"configured roots.\nTraffic is plain HTTP: put a TLS proxy or an SSH tunnel in "
               f"front of it.\n{bar}", file=sys.stderr)
-    engine = LocalEngine(config.model, device=config.device)
+    engine = LocalEngine(config.model, device=config.device, model_roots=config.model_roots)
     server = Server(engine, config)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     resumed = server.resume_jobs()

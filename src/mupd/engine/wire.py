@@ -8,17 +8,28 @@ are checked before anything is inflated, so a crafted archive cannot expand past
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
+import math
+import types
+import typing
 import zipfile
 from collections import Counter
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 
 from ..errors import MuPDError
 from ..models.rna import profile_from_request
-from .api import GenerateRequest, GenerateResult, StainLayer, TranslateRequest, TranslateResult
+from .api import (
+    MPP_RANGE,
+    GenerateRequest,
+    GenerateResult,
+    StainLayer,
+    TranslateRequest,
+    TranslateResult,
+)
 
 NPZ_MEDIA_TYPE = "application/x-npz"
 META_KEY = "__meta__"
@@ -32,30 +43,109 @@ class WireError(MuPDError):
     """A payload that is not a valid MuPD message (bad JSON, bad npz, wrong fields or arrays)."""
 
 
-# -- plain dataclasses <-> JSON ---------------------------------------------------------------
-def to_json(obj: Any) -> dict[str, Any]:
-    """A dataclass without array fields as a JSON-able dict (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(obj)))
+# -- the schema: every request field checked by type and range, once, at the boundary ---------
+#: Any whole number on the wire fits int64 (numpy and torch take no more; 2**70 was a 500).
+INT64 = (-(2**63), 2**63 - 1)
+_KINDS = {bool: "true/false", str: "a string", list: "an array", tuple: "an array", dict: "an object",
+          type(None): "null", int: "a number", float: "a number"}
 
 
-def from_json(cls: type[T], data: Any, what: Optional[str] = None) -> T:
-    """Build `cls` from a dict, naming unknown or missing fields instead of a TypeError."""
-    what = what or cls.__name__
-    if not isinstance(data, dict):
-        raise WireError(f"{what}: expected a JSON object, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise WireError(f"{what}: unknown field(s) {', '.join(unknown)}")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [n for n in required if n not in data]
-    if missing:
-        raise WireError(f"{what}: missing field(s) {', '.join(missing)}")
+def _expected(hint: Any, limits: Optional[tuple[float, float]] = None) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    span = " " + "..".join(str(v) if isinstance(v, int) else f"{v:g}" for v in limits) if limits else ""
+    if hint is int:
+        return f"a whole number{span or f' {INT64[0]}..{INT64[1]}'}"
+    if hint is float:
+        return f"a finite number{span}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a, limits) for a in args if a is not type(None))
+    return {bool: "true or false", str: "a string", list: "an array", tuple: "an array",
+            dict: "an object"}.get(origin or hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_value(value: Any, hint: Any, name: str, limits: Optional[tuple[float, float]] = None) -> Any:
+    """`value` if it is what `hint` says (JSON kinds: bool, int, float, str, Optional/Union, list,
+    tuple, dict), else a WireError naming `name`. Strings must be valid Unicode without NUL
+    (paths, tokenizers), numbers finite and within `limits` (whole numbers at least int64).
+    `limits` apply to every number inside `value`; tuples come back as tuples (JSON has arrays)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    number = type(value) in (int, float)
+
+    def refuse() -> WireError:
+        union = origin in (typing.Union, types.UnionType)
+        if number and (hint in (int, float) or (union and {int, float} & set(args))):
+            return WireError(f"{name}={value!r}: must be {_expected(hint, limits)}")
+        return WireError(f"{name} must be {_expected(hint, limits)}, got "
+                         f"{_KINDS.get(type(value), type(value).__name__)}")
+
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        if len(options) == 1:  # Optional[X]: X's own, precise refusal
+            return check_value(value, options[0], name, limits)
+        for option in options:
+            try:
+                return check_value(value, option, name, limits)
+            except WireError:
+                pass
+        raise refuse()
+    if hint is bool or hint is str:
+        if type(value) is not hint:
+            raise refuse()
+        if hint is str and "\0" in value:
+            raise WireError(f"{name} must not contain a NUL character")
+        if hint is str and not _is_unicode(value):
+            raise WireError(f"{name} is not valid UTF-8 text (it holds an unpaired surrogate)")
+        return value
+    if hint is int or hint is float:
+        low, high = limits or (INT64 if hint is int else (-math.inf, math.inf))
+        if not number or (hint is int and type(value) is float) or not math.isfinite(value) \
+                or not low <= value <= high:
+            raise refuse()
+        return value
+    if origin is list:
+        if type(value) is not list:
+            raise refuse()
+        return [check_value(v, args[0], f"{name}[{i}]", limits) for i, v in enumerate(value)]
+    if origin is tuple:
+        if type(value) not in (list, tuple):
+            raise refuse()
+        items = args[:1] * len(value) if args[-1] is Ellipsis else args
+        if len(value) != len(items):
+            raise WireError(f"{name} must be an array of {len(items)}, got {len(value)} item(s)")
+        return tuple(check_value(v, t, f"{name}[{i}]", limits) for i, (v, t) in enumerate(zip(value, items)))
+    if origin is dict:
+        if type(value) is not dict:
+            raise refuse()
+        return {check_value(k, args[0], f"{name} key"): check_value(v, args[1], f"{name}[{k!r}]", limits)
+                for k, v in value.items()}
+    if type(value) is not hint:
+        raise WireError(f"{name} must be {_expected(hint)}, got {type(value).__name__}")
+    return value
+
+
+def _is_unicode(text: str) -> bool:
     try:
-        return cls(**data)
-    except TypeError as exc:  # pragma: no cover - fields were checked above
-        raise WireError(f"{what}: {exc}") from None
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _schema(cls: type) -> dict[str, tuple[Any, Optional[tuple[float, float]]]]:
+    """field -> (type hint, range) of a request dataclass (the range from `api.bounded`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f.metadata.get("range")) for f in dataclasses.fields(cls)}
+
+
+def check_field(cls: type, name: str, value: Any) -> Any:
+    """One field of `cls` checked as the wire checks it (the CLI's arguments use this)."""
+    hint, limits = _schema(cls)[name]
+    return check_value(value, hint, name, limits)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -63,8 +153,45 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     e.g. one of two values for a gene)."""
     twice = [k for k, n in Counter(k for k, _ in pairs).items() if n > 1]
     if twice:
-        raise WireError(f"a JSON object gives key(s) {', '.join(map(repr, twice))} more than once")
+        raise WireError(f"a JSON object gives key(s) {', '.join(map(ascii, twice))} more than once")
     return dict(pairs)
+
+
+def parse_json(body: bytes | str, what: str = "request body") -> Any:
+    """JSON, refusing what json.loads would take silently (a key given twice) or crash on
+    (nesting deeper than Python's stack: RecursionError)."""
+    try:
+        return json.loads(body, object_pairs_hook=_unique_keys)
+    except ValueError as exc:  # also UnicodeDecodeError, and an integer of over 4300 digits
+        raise WireError(f"{what} is not valid UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise WireError(f"{what} nests JSON arrays/objects too deeply") from None
+
+
+# -- plain dataclasses <-> JSON ---------------------------------------------------------------
+def to_json(obj: Any) -> dict[str, Any]:
+    """A dataclass without array fields as a JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def from_json(cls: type[T], data: Any, what: Optional[str] = None) -> T:
+    """Build `cls` from a dict, naming unknown, missing or ill-typed fields (see check_value)."""
+    what = what or cls.__name__
+    if not isinstance(data, dict):
+        raise WireError(f"{what}: expected a JSON object, got {_KINDS.get(type(data), type(data).__name__)}")
+    schema = _schema(cls)
+    unknown = sorted(set(data) - set(schema))
+    if unknown:
+        raise WireError(f"{what}: unknown field(s) {', '.join(map(ascii, unknown))}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise WireError(f"{what}: missing field(s) {', '.join(missing)}")
+    try:
+        return cls(**{k: check_value(v, schema[k][0], k, schema[k][1]) for k, v in data.items()})
+    except WireError as exc:
+        raise WireError(f"{what}: {exc}") from None
 
 
 # -- npz ------------------------------------------------------------------------------------
@@ -103,10 +230,7 @@ def decode_npz(body: bytes, max_bytes: Optional[int] = None) -> tuple[dict[str, 
         raise WireError(f"npz payload could not be read: {type(exc).__name__}: {exc}") from None
     if META_KEY not in arrays:
         raise WireError(f"npz payload lacks its {META_KEY!r} JSON member")
-    try:
-        meta = json.loads(arrays.pop(META_KEY).tobytes().decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"npz {META_KEY!r} member is not UTF-8 JSON: {exc}") from None
+    meta = parse_json(arrays.pop(META_KEY).tobytes(), f"npz {META_KEY!r} member")
     if not isinstance(meta, dict):
         raise WireError(f"npz {META_KEY!r} member must be a JSON object")
     for name, a in arrays.items():
@@ -127,9 +251,9 @@ def decode_generate_request(body: bytes, max_bytes: Optional[int] = None) -> Gen
     extra = sorted(set(arrays) - {"reference"})
     if extra:
         raise WireError(f"GenerateRequest: unexpected array(s) {', '.join(extra)}")
-    req = from_json(GenerateRequest, meta)
     if "reference" in meta:
         raise WireError("GenerateRequest: send 'reference' as an npz array, not in the JSON")
+    req = from_json(GenerateRequest, meta)
     req.reference = arrays.get("reference")
     if req.rna is not None:  # never a file name: that would read the server's files
         req.rna = profile_from_request(req.rna)
@@ -168,38 +292,20 @@ def decode_region_upload(body: bytes, max_bytes: Optional[int] = None
     if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
         raise WireError(f"translate upload: 'image' must be (H, W, 3) uint8 RGB, got "
                         f"{image.shape} {image.dtype}")
-    mpp = meta.pop("upload_mpp", None)
-    values = mpp if isinstance(mpp, list) and len(mpp) == 2 else [mpp]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
-        raise WireError(f"translate upload: 'upload_mpp' must be a positive number or two, got {mpp!r}")
-    frame = meta.pop("upload_frame", {})
-    if not isinstance(frame, dict) or set(frame) - set(FRAME_KEYS) or not all(
-            isinstance(v, list) and len(v) == 2 and all(type(i) is int for i in v) for v in frame.values()):
-        raise WireError(f"translate upload: 'upload_frame' must map {', '.join(FRAME_KEYS)} to "
-                        f"[x, y] integer pairs, got {frame!r}")
+    mpp = check_value(meta.pop("upload_mpp", None), Union[float, tuple[float, float]],
+                      "translate upload: upload_mpp", MPP_RANGE)
+    frame = check_value(meta.pop("upload_frame", {}), dict[str, tuple[int, int]],
+                        "translate upload: upload_frame", (0, 2**31 - 1))
+    if set(frame) - set(FRAME_KEYS):
+        raise WireError(f"translate upload: upload_frame keys are {', '.join(FRAME_KEYS)}; got "
+                        f"{', '.join(map(ascii, sorted(set(frame) - set(FRAME_KEYS))))}")
     meta.setdefault("slide_path", "<upload>")
     return (translate_request_from_json(meta), image[..., :3],
-            tuple(float(v) for v in mpp) if isinstance(mpp, list) else float(mpp),
-            {k: tuple(v) for k, v in frame.items()})
+            tuple(map(float, mpp)) if isinstance(mpp, tuple) else float(mpp), frame)
 
 
 def translate_request_from_json(data: Any) -> TranslateRequest:
-    req = from_json(TranslateRequest, data)
-    try:
-        if req.box is not None:
-            if len(req.box) != 4:
-                raise ValueError
-            req.box = tuple(int(v) for v in req.box)
-    except (TypeError, ValueError):
-        raise WireError(f"TranslateRequest: box must be [x, y, width, height], got {req.box!r}") from None
-    try:
-        if req.polygon is not None:
-            req.polygon = [(float(x), float(y)) for x, y in req.polygon]
-    except (TypeError, ValueError):
-        raise WireError("TranslateRequest: polygon must be a list of [x, y] points") from None
-    if not isinstance(req.stains, list) or not all(isinstance(s, str) for s in req.stains):
-        raise WireError(f"TranslateRequest: stains must be a list of names, got {req.stains!r}")
-    return req
+    return from_json(TranslateRequest, data)
 
 
 # -- results --------------------------------------------------------------------------------

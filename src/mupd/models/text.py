@@ -36,12 +36,19 @@ def resolve_encoder_dir(reference: str) -> Path:
 class TextEncoder:
     """Tokenizer + encoder; `encode(prompts)` -> (token states (B, L, D), mask (B, L) bool)."""
 
-    def __init__(self, reference: str = DEFAULT, max_length: int = 64, cache_size: int = 256) -> None:
+    def __init__(self, reference: str = DEFAULT, max_length: int = 64, cache_size: int = 256,
+                 folder: Optional[Path] = None) -> None:
+        """`folder`: where `reference` was found (a model folder resolves its own references)."""
         self.reference, self.max_length, self.cache_size = reference, int(max_length), cache_size
-        self.folder = resolve_encoder_dir(reference)
+        self.folder = folder if folder is not None else resolve_encoder_dir(reference)
         if not (self.folder / "config.json").is_file():
             raise ModelError(f"text encoder folder {self.folder} does not exist or has no "
                              f"config.json (a local transformers model directory is needed)")
+        if not any(self.folder.glob("*.safetensors")):  # transformers would unpickle a .bin
+            found = ", ".join(sorted(p.name for p in self.folder.iterdir() if p.is_file())[:5])
+            raise ModelError(f"text encoder folder {self.folder} has no .safetensors weights "
+                             f"(it holds {found or 'no files'}); pickle weights are refused (they "
+                             f"can run code): convert them to safetensors")
         self._tokenizer: Any = None
         self._model: Any = None
         self._device = torch.device("cpu")
@@ -64,7 +71,8 @@ class TextEncoder:
 
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-            self._model = AutoModel.from_pretrained(self.folder, local_files_only=True)
+            self._model = AutoModel.from_pretrained(self.folder, local_files_only=True,
+                                                    use_safetensors=True)
         except Exception as exc:  # a broken local folder: say which
             raise ModelError(f"cannot load the text encoder in {self.folder}: {exc}") from None
         self._model.eval().requires_grad_(False).to(self._device)
