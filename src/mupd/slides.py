@@ -22,7 +22,7 @@ import numpy as np
 from .errors import RegionError, SlideError
 from .io.resample import resample_window, source_window
 from .progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
-from .render import render_dab_ihc
+from .render import render_ihc
 
 #: Regions with more output pixels than this accumulate on disk instead of in memory.
 IN_MEMORY_LIMIT_PX = 4096 * 4096
@@ -304,10 +304,14 @@ class RegionSums:
     workdir: Path
     on_disk: bool
     n_skipped: int = 0
+    #: The blended source H&E, kept when marker maps are to be rendered as IHC: the rendering
+    #: segments cells, so it runs once on the blended region, not per (overlapping) tile.
+    source: Optional[_Accumulator] = None
 
     def arrays(self) -> list[Any]:
         """Every sum array in a fixed order (for reducing across processes)."""
-        return [self.outputs[k].sum for k in sorted(self.outputs)] + [self.weight.sum]
+        extra = [self.source.sum] if self.source is not None else []
+        return [self.outputs[k].sum for k in sorted(self.outputs)] + [self.weight.sum] + extra
 
 
 class RegionTranslator:
@@ -400,12 +404,10 @@ class RegionTranslator:
         def make(name, extra=()):
             return _Accumulator(plan.out_shape + extra, tmp / f"{name}.zarr" if on_disk else None, chunk)
 
-        acc = {}
-        for t in plan.targets:
-            acc[t.name] = make(t.name, (3,) if t.kind == "rgb" else ())
-            if t.kind == "marker" and render_brightfield:
-                acc[f"IHC-{t.name}"] = make(f"IHC-{t.name}", (3,))
-        return RegionSums(acc, make("_weight"), tmp, on_disk)
+        acc = {t.name: make(t.name, (3,) if t.kind == "rgb" else ()) for t in plan.targets}
+        render = render_brightfield and any(t.kind == "marker" for t in plan.targets)
+        return RegionSums(acc, make("_weight"), tmp, on_disk,
+                          source=make("_source", (3,)) if render else None)
 
     def accumulate(
         self,
@@ -449,10 +451,6 @@ class RegionTranslator:
                     seed=seed, batch_size=self.batch_size,
                     positions=[o for o, k in zip(batch, keep) if k],
                 )
-                if render_brightfield:
-                    for t in plan.targets:
-                        if t.kind == "marker":
-                            outputs[f"IHC-{t.name}"] = render_dab_ihc(tiles[keep], outputs[t.name])
             kept_index = np.cumsum(keep) - 1
             for name, a in sums.outputs.items():
                 blended = []
@@ -464,12 +462,18 @@ class RegionTranslator:
                     win = window if value.ndim == 2 else window[..., None]
                     blended.append((oy, ox, _crop(value * win, oy, ox, out_h, out_w)))
                 a.add(blended)
+            if sums.source is not None:  # the source as read (identical where tiles overlap)
+                sums.source.add([(oy, ox, _crop(tiles[i].astype(np.float32) * window[..., None],
+                                                oy, ox, out_h, out_w))
+                                 for i, (oy, ox) in enumerate(batch)])
             done += len(batch)
             progress(ProgressEvent("tiles", done, total, f"{done}/{total} tiles"))
 
     def finish(self, plan: RegionPlan, sums: RegionSums, start: float) -> RegionTranslation:
         """Normalise the (complete) sums into output layers placed over the slide."""
         layers = self._layers(plan.targets, sums.outputs, sums.weight, sums.on_disk)
+        if sums.source is not None:
+            layers = self._with_ihc(plan, layers, sums)
         if not sums.on_disk:
             shutil.rmtree(sums.workdir, ignore_errors=True)
         scale, translate = placement(plan.box, plan.slide_mpp, plan.out_mpp)
@@ -502,16 +506,61 @@ class RegionTranslator:
             data = (data.clip(0, 255).round().astype(np.uint8) if rgb
                     else data.clip(0, 1).astype(np.float32))
             meta = {"target": name, "model_mpp": float(self.pipeline.mpp)}
-            if target is None:  # a brightfield rendering of a marker
-                marker = name.removeprefix("IHC-")
-                meta["rendered_from"] = (
-                    f"predicted {marker} intensity, rendered as DAB on the source hematoxylin "
-                    "(Beer-Lambert); not a measured stain"
-                )
-                layers.append(OutputLayer(name, "rgb", data, "gray", meta))
-            else:
-                layers.append(OutputLayer(name, target.kind, data, getattr(target, "colormap", "gray") or "gray", meta))
+            layers.append(OutputLayer(name, target.kind, data, getattr(target, "colormap", "gray") or "gray", meta))
         return layers
+
+    def _with_ihc(self, plan: RegionPlan, layers: list[OutputLayer],
+                  sums: RegionSums) -> list[OutputLayer]:
+        """Each marker layer followed by its rendering as DAB IHC on the blended source H&E:
+        cells segmented once over the region (in windows for a large one), so overlapping tiles
+        cannot disagree about them. On disk the rendering is written beside the sums."""
+        from .models.catalogue import compartment_of, threshold_of
+
+        by_name = {t.name: t for t in plan.targets}
+        source = _Normalised(sums.source.sum, sums.weight.sum)
+        out = []
+        for layer in layers:
+            out.append(layer)
+            target = by_name.get(layer.name)
+            if target is None or target.kind != "marker":
+                continue
+            name = f"IHC-{target.name}"
+            compartment, threshold = compartment_of(target), threshold_of(target)
+            if sums.on_disk:
+                import dask.array as da
+                import zarr
+
+                chunk = sums.weight.sum.chunks[0]
+                store = zarr.create_array(sums.workdir / f"{name}.zarr", shape=plan.out_shape + (3,),
+                                          chunks=(chunk, chunk, 3), dtype="u1", fill_value=255)
+                render_ihc(source, _Normalised(sums.outputs[target.name].sum, sums.weight.sum),
+                           plan.out_mpp, compartment, threshold, out=store)
+                data = da.from_zarr(store)
+            else:
+                data = render_ihc(source[:, :], layer.data, plan.out_mpp, compartment, threshold)
+            meta = {"target": name, "model_mpp": float(self.pipeline.mpp),
+                    "rendered_from": (
+                        f"predicted {target.name} intensity, rendered as DAB on the source "
+                        "hematoxylin (Beer-Lambert); not a measured stain"),
+                    "rendering": {"compartment": compartment, "positivity_threshold": threshold,
+                                  "cells": "nuclei and cells segmented in the source H&E (mupd.cells)"}}
+            out.append(OutputLayer(name, "rgb", data, "gray", meta))
+        return out
+
+
+class _Normalised:
+    """The blended value of a sum (numpy or zarr) over the weights, read slice by slice: RGB sums
+    give uint8, marker sums float32 in [0, 1], exactly as the output layers are normalised."""
+
+    def __init__(self, total: Any, weight: Any) -> None:
+        self.total, self.weight = total, weight
+        self.shape = tuple(total.shape)
+
+    def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
+        s, w = np.asarray(self.total[index]), np.asarray(self.weight[index])
+        if s.ndim == 3:
+            return (s / w[..., None]).clip(0, 255).round().astype(np.uint8)
+        return (s / w).clip(0, 1).astype(np.float32)
 
 
 def _tiles_outside(polygon: Sequence[tuple[float, float]], origins: list[tuple[int, int]],

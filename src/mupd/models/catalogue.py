@@ -3,6 +3,11 @@
 A stain's position in the catalogue is its token id in the transformer's stain embedding, so
 the catalogue travels with the weights (`catalogue.json` in the model folder) and names are
 only ever appended (fine-tuning registers new stains; existing ids never move).
+
+A marker may say where in a cell its stain sits (`compartment`: nuclear, membranous,
+cytoplasmic, or diffuse when unknown) and from which predicted intensity a cell counts as
+positive (`positivity_threshold`); both are optional, so catalogues written before them load
+unchanged, and `compartment_of` / `threshold_of` give the defaults.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ from ..errors import ConditionError, ModelError
 from ..paths import STAIN_CATALOGUE
 
 KINDS = ("rgb", "marker")
+#: Where a marker's stain sits in a cell; "diffuse": not known, the map is rendered as predicted.
+COMPARTMENTS = ("nuclear", "membranous", "cytoplasmic", "diffuse")
+DEFAULT_COMPARTMENT = "diffuse"
+#: Predicted intensity (marker map units, [0, 1]) from which a cell counts as positive.
+DEFAULT_POSITIVITY_THRESHOLD = 0.3
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,8 @@ class StainTarget:
     gene: Optional[str] = None
     colormap: Optional[str] = None
     description: str = ""
+    compartment: Optional[str] = None  # one of COMPARTMENTS; None: not given (DEFAULT_COMPARTMENT)
+    positivity_threshold: Optional[float] = None  # None: not given (DEFAULT_POSITIVITY_THRESHOLD)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -90,15 +102,60 @@ class StainCatalogue:
 
     def register(self, name: str, kind: str, aliases: tuple[str, ...] | list[str] = (),
                  gene: Optional[str] = None, colormap: Optional[str] = None,
-                 description: str = "") -> StainTarget:
+                 description: str = "", compartment: Optional[str] = None,
+                 positivity_threshold: Optional[float] = None) -> StainTarget:
         """Append a new target (its id is the next free one); a clash with a known name is refused."""
         if kind not in KINDS:
             raise ConditionError(f"stain {name!r}: kind {kind!r} is not one of {', '.join(KINDS)}")
+        if compartment is not None and compartment not in COMPARTMENTS:
+            raise ConditionError(f"stain {name!r}: compartment {compartment!r} is not one of "
+                                 f"{', '.join(COMPARTMENTS)}")
+        if positivity_threshold is not None:
+            try:
+                positivity_threshold = float(positivity_threshold)
+            except (TypeError, ValueError):
+                positivity_threshold = float("nan")
+            if not 0.0 <= positivity_threshold <= 1.0:
+                raise ConditionError(f"stain {name!r}: positivity_threshold must be a number in "
+                                     f"[0, 1] (marker intensity), got {positivity_threshold}")
         for label in (name, *aliases):
             if self._find(label) is not None:
                 raise ConditionError(f"stain name {label!r} is already taken by "
                                      f"{self.get(label).name!r}")
         target = StainTarget(name=name, kind=kind, aliases=tuple(aliases), gene=gene,
-                             colormap=colormap, description=description)
+                             colormap=colormap, description=description, compartment=compartment,
+                             positivity_threshold=positivity_threshold)
         self.targets.append(target)
         return target
+
+
+def compartment_of(target: Any) -> str:
+    """A target's compartment: its own, else the bundled catalogue's for the same name (a model
+    folder's catalogue may predate the field), else DEFAULT_COMPARTMENT."""
+    return _attribute(target, "compartment") or DEFAULT_COMPARTMENT
+
+
+def threshold_of(target: Any) -> float:
+    """A target's positivity threshold, with the same fallbacks as `compartment_of`."""
+    value = _attribute(target, "positivity_threshold")
+    return DEFAULT_POSITIVITY_THRESHOLD if value is None else float(value)
+
+
+def _attribute(target: Any, field_name: str) -> Any:
+    value = getattr(target, field_name, None)
+    if value is None:
+        name = getattr(target, "name", target)
+        bundled = _bundled()
+        if isinstance(name, str) and name in bundled:
+            value = getattr(bundled.get(name), field_name, None)
+    return value
+
+
+_BUNDLED: Optional[StainCatalogue] = None
+
+
+def _bundled() -> StainCatalogue:
+    global _BUNDLED
+    if _BUNDLED is None:
+        _BUNDLED = StainCatalogue.load()
+    return _BUNDLED
