@@ -1,6 +1,6 @@
 """The model issue's gates (a)-(g) and the shipping comparison, from two `mupd eval` results.
 
-    .venv/bin/python benchmarks/gates.py CANDIDATE/results.json BUNDLED/results.json
+    .venv/bin/python benchmarks/gates.py CANDIDATE/results.json [BUNDLED/results.json]
 
 Prints one markdown table: each gate's value for both models, whether it is met, and which model
 is better by more than the seed spread (the larger of the two seed stds; ties otherwise). Both
@@ -62,9 +62,16 @@ def _same_evaluation(a: dict[str, Any], b: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("candidate", type=Path)
-    parser.add_argument("bundled", type=Path)
+    parser.add_argument("bundled", type=Path, nargs="?", help="omit: the candidate's gates alone")
     args = parser.parse_args()
-    cand, base = (json.loads(p.read_text()) for p in (args.candidate, args.bundled))
+    cand = json.loads(args.candidate.read_text())
+    if args.bundled is None:
+        print("| gate | value | met |\n|---|---|---|")
+        for name, (v, s, met, _) in gates(cand).items():
+            print(f"| {name} | {v:.3f}" + (f" ± {s:.3f}" if s is not None else "") +
+                  f" | {'yes' if met else 'no'} |")
+        return
+    base = json.loads(args.bundled.read_text())
     _same_evaluation(cand, base)
     gc, gb = gates(cand), gates(base)
     fmt = lambda v, s: f"{v:.3f}" + (f" ± {s:.3f}" if s is not None else "")  # noqa: E731
