@@ -22,6 +22,10 @@ def _mean_partial(method: dict[str, Any]) -> float:
     return sum(values) / len(values)
 
 
+def _value(v: Any) -> float:
+    return float(v["mean"]) if isinstance(v, dict) else float(v)
+
+
 def gates(r: dict[str, Any]) -> dict[str, tuple[float, Optional[float], bool, bool]]:
     """name -> (value, seed std or None, met, higher is better)."""
     b4, a1 = (r["markers"]["sections"][s]["methods"] for s in ("B4", "A1"))
@@ -47,7 +51,7 @@ def gates(r: dict[str, Any]) -> dict[str, tuple[float, Optional[float], bool, bo
         "(g) augmentation gain (> seed std)": (synth["mean"] - real["mean"], real["std"],
                                                synth["mean"] - real["mean"] > real["std"], True),
         "Inception FID, RNA-conditioned": (fid["MuPD (RNA)"]["mean"], fid["MuPD (RNA)"]["std"], True, False),
-        "B4 hematoxylin density mean r (baseline, same run)": (b4[DENSITY]["mean_r"], None, True, True),
+        "B4 hematoxylin density mean r (baseline, same run)": (_value(b4[DENSITY]["mean_r"]), None, True, True),
     }
 
 
