@@ -291,6 +291,9 @@ BAD_FIELDS = [  # (endpoint, body, field the answer must name)
     ("/translate", '{"slide_path": "steps.png", "stains": ["HER2"], "guidance": {"source": "2"}}',
      "guidance['source']"),
     ("/jobs/finetune", '{"data_dir": "d", "output_dir": "o", "steps": "9"}', "steps"),
+    ("/translate", '{"slide_path": "steps.png", "stains": ["H&E"], "strength": 1.5}', "strength"),
+    ("/translate", '{"slide_path": "steps.png", "stains": ["H&E"], "strength": "0.5"}', "strength"),
+    ("/translate", '{"slide_path": "steps.png", "stains": ["H&E"], "stain_norm": 3}', "stain_norm"),
     ("/models/load", None, "wrong-shapes/transformer"),  # a model config with wrong shapes
 ]
 

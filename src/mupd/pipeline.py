@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.captions import RESTAIN_PROMPT
 from .errors import ConditionError, ModelError, MuPDError, OutputExistsError
 from .models.attention import MODALITIES
 
@@ -433,17 +434,20 @@ class MuPDPipeline:
         v = self._as_velocity(v, xk, tk).view(k, b, *v.shape[1:])
         return v[0] + sum(guidance.get(m, 1.0) * (v[i + 1] - v[0]) for i, m in enumerate(present))
 
-    def _timesteps(self, steps: int) -> list[float]:
+    def _timesteps(self, steps: int, start: float = 1.0) -> list[float]:
+        """`steps` + 1 noise levels from `start` down to 0 on the model's shifted schedule."""
         shift = float(self.config.get("time_shift", 1.0))
-        ts = np.linspace(1.0, 0.0, steps + 1)
+        u0 = start / (shift - (shift - 1) * start)  # the unshifted level whose shift is `start`
+        ts = np.linspace(u0, 0.0, steps + 1)
         return (shift * ts / (1 + (shift - 1) * ts)).tolist()
 
     @torch.no_grad()
     def _sample(self, noise: torch.Tensor, cond: dict[str, Any], steps: int,
                 guidance: Optional[dict[str, float]], sampler: str,
                 progress: Optional[ProgressCallback], cancel: Optional[CancelToken],
-                done: int, total: int) -> torch.Tensor:
-        ts = self._timesteps(steps)
+                done: int, total: int, start: float = 1.0) -> torch.Tensor:
+        """Integrate from noise level `start` (1: pure noise; below it `noise` is a noised image)."""
+        ts = self._timesteps(steps, start)
         x = noise
         for i in range(steps):
             if cancel is not None:
@@ -554,13 +558,20 @@ class MuPDPipeline:
                   guidance: Optional[dict[str, float]] = None, seed: int = 0, batch_size: int = 8,
                   sampler: str = "euler", progress: Optional[ProgressCallback] = None,
                   cancel: Optional[CancelToken] = None,
-                  positions: Optional[Sequence[tuple[int, int]]] = None) -> dict[str, np.ndarray]:
+                  positions: Optional[Sequence[tuple[int, int]]] = None,
+                  strength: Optional[float] = None, prompt: Optional[str] = None,
+                  ) -> dict[str, np.ndarray]:
         """H&E tiles (N, T, T, 3) uint8 -> {stain as given: (N, T, T, 3) uint8 for an RGB stain,
         (N, T, T) float32 in [0, 1] for a marker}. steps=1 is the one-step readout.
 
         `positions`: each tile's (y, x) origin in pixels of one shared frame (multiples of
         `latent_step`); overlapping tiles then share their starting noise, so their predictions
-        agree where they overlap (the output is dominated by that noise for a weak model)."""
+        agree where they overlap (the output is dominated by that noise for a weak model).
+
+        `strength` (RGB targets; SDEdit): the source latents are noised to t = strength and
+        denoised under the target stain and `prompt` (default `RESTAIN_PROMPT`), so a frozen
+        section keeps its structure and takes the look of the prompt; 0 returns the source
+        through the codec, 1 ignores it."""
         self._check_run(steps, sampler, batch_size)
         guidance = self._check_guidance(guidance)
         tiles = self._check_tiles(images, "H&E tiles")
@@ -569,6 +580,9 @@ class MuPDPipeline:
         targets = {s: self.catalogue.get(s) for s in stains}
         if not targets:
             raise ConditionError("no target stain given: name at least one stain or marker")
+        if strength is not None:
+            strength = check_image_to_image(list(targets.values()), strength)
+        text = self._text([prompt or RESTAIN_PROMPT] * len(tiles)) if strength is not None else None
         noise = self._noise(len(tiles), seed, positions)
         chunks = -(-len(tiles) // batch_size)
         out: dict[str, list[np.ndarray]] = {s: [] for s in targets}
@@ -576,12 +590,31 @@ class MuPDPipeline:
             source = self._encode(self._to_unit(tiles[start:start + batch_size]))
             n = source.shape[0]
             for j, (name, target) in enumerate(targets.items()):
-                cond = {"stain": self._stain_ids([target.name] * n), "source": source}
+                cond: dict[str, Any] = {"stain": self._stain_ids([target.name] * n)}
+                x, level = noise[start:start + n].to(self.device), 1.0
+                if strength is None:
+                    cond["source"] = source
+                else:  # SDEdit: start from the source itself, noised to t = strength
+                    cond["text"] = (text[0][start:start + n], text[1][start:start + n])
+                    x, level = (1 - strength) * source + strength * x, strength
                 done = (c * len(targets) + j) * steps
-                x = self._sample(noise[start:start + n].to(self.device), cond, steps, guidance,
-                                 sampler, progress, cancel, done, chunks * len(targets) * steps)
+                if level > 0:
+                    x = self._sample(x, cond, steps, guidance, sampler, progress, cancel, done,
+                                     chunks * len(targets) * steps, start=level)
                 out[name].append(self._decode(x, target.kind))
         return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def check_image_to_image(targets: Sequence[Any], strength: float) -> float:
+    """The strength of an image-to-image run over these catalogue targets, or a clear error."""
+    value = float(strength)
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ConditionError(f"strength must be between 0 and 1 (got {strength})")
+    markers = [t.name for t in targets if t.kind != "rgb"]
+    if markers:
+        raise ConditionError(f"strength (image-to-image) applies to RGB stains; {', '.join(markers)} "
+                             "are marker maps, read from the H&E in one step: leave strength unset")
+    return value
 
 
 def _field_window(seed: int, y: int, x: int, size: int, channels: int) -> np.ndarray:

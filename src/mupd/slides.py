@@ -26,6 +26,8 @@ from .render import render_ihc
 
 #: Regions with more output pixels than this accumulate on disk instead of in memory.
 IN_MEMORY_LIMIT_PX = 4096 * 4096
+#: Long side (px) of the region preview a stain normalisation is estimated on.
+PREVIEW_SIDE = 1024
 
 
 @dataclass
@@ -289,6 +291,8 @@ class RegionPlan:
     out_shape: tuple[int, int]
     batches: list[list[tuple[int, int]]]  # tile origins (output pixels), in batch_size groups
     outside: frozenset = frozenset()  # origins of tiles that miss the ROI polygon (not run)
+    #: fitted once on a preview of the whole region, applied to every tile (mupd.stain_norm)
+    stain_norm: Optional[Any] = None
 
     @property
     def n_tiles(self) -> int:
@@ -344,14 +348,23 @@ class RegionTranslator:
         workdir: Optional[Path] = None,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
+        stain_norm: Optional[str] = None,
+        stain_reference: Optional[str | Path] = None,
+        strength: Optional[float] = None,
+        prompt: Optional[str] = None,
     ) -> RegionTranslation:
         start = time.perf_counter()
-        plan = self.plan(slide, stains, box=box, polygon=polygon)
+        if strength is not None:  # refused before any tile is read
+            from .pipeline import check_image_to_image
+
+            check_image_to_image([self.pipeline.catalogue.get(s) for s in stains], strength)
+        plan = self.plan(slide, stains, box=box, polygon=polygon, stain_norm=stain_norm,
+                         stain_reference=stain_reference)
         sums = self.new_sums(plan, render_brightfield, workdir)
         try:
             self.accumulate(slide, plan, plan.batches, sums, steps=steps, guidance=guidance,
                             seed=seed, render_brightfield=render_brightfield,
-                            progress=progress, cancel=cancel)
+                            progress=progress, cancel=cancel, strength=strength, prompt=prompt)
             return self.finish(plan, sums, start)
         except BaseException:
             shutil.rmtree(sums.workdir, ignore_errors=True)
@@ -359,7 +372,14 @@ class RegionTranslator:
 
     def plan(self, slide: Any, stains: Sequence[str],
              box: Optional[tuple[int, int, int, int]] = None,
-             polygon: Optional[Sequence[tuple[float, float]]] = None) -> RegionPlan:
+             polygon: Optional[Sequence[tuple[float, float]]] = None,
+             stain_norm: Optional[str] = None,
+             stain_reference: Optional[str | Path] = None) -> RegionPlan:
+        """`stain_norm` (macenko / reinhard): the region's stain, estimated once on a preview of
+        it, is mapped onto `stain_reference` (default: the training data's) in every tile."""
+        from .stain_norm import check_method, fit_normalization
+
+        stain_norm = check_method(stain_norm)
         targets = [self.pipeline.catalogue.get(s) for s in stains]  # unknown stain -> clear error
         if not targets:
             raise RegionError("no target stain given: name at least one stain or marker")
@@ -386,10 +406,17 @@ class RegionTranslator:
         outside: frozenset = frozenset()
         if polygon is not None:
             outside = _tiles_outside(polygon, origins, T, x0, y0, factor)
+        normalization = None
+        if stain_norm is not None:
+            f = max(factor, max(w, h) / PREVIEW_SIDE)
+            preview = _read_box(slide, x0, y0, max(1, round(w / f)), max(1, round(h / f)), f)
+            normalization = fit_normalization(stain_norm, preview, stain_reference,
+                                              f"region {box} of {slide.path}")
         return RegionPlan(
             slide_path=str(slide.path), slide_mpp=tuple(slide.mpp), targets=targets, box=box,
             factor=factor, out_mpp=out_mpp, out_shape=(out_h, out_w),
             batches=list(_batched(origins, self.batch_size)), outside=outside,
+            stain_norm=normalization,
         )
 
     def new_sums(self, plan: RegionPlan, render_brightfield: bool,
@@ -421,8 +448,11 @@ class RegionTranslator:
         render_brightfield: bool = True,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
+        strength: Optional[float] = None,
+        prompt: Optional[str] = None,
     ) -> None:
-        """Add the blended outputs of `batches` (a subset of `plan.batches`) into `sums`."""
+        """Add the blended outputs of `batches` (a subset of `plan.batches`) into `sums`.
+        `strength` / `prompt`: image-to-image for RGB stains (`MuPDPipeline.translate`)."""
         progress = progress or no_progress
         T = self.pipeline.tile_size
         out_h, out_w = plan.out_shape
@@ -440,6 +470,8 @@ class RegionTranslator:
                 if ins else np.full((T, T, 3), 255, dtype=np.uint8)
                 for (oy, ox), ins in zip(batch, inside)
             ])
+            if plan.stain_norm is not None:  # the same fitted map on every tile: no seams
+                tiles[inside] = plan.stain_norm(tiles[inside])
             keep = inside.copy()
             keep[inside] = self._tissue_mask(tiles[inside])
             sums.n_skipped += int((~keep).sum())
@@ -449,7 +481,7 @@ class RegionTranslator:
                 outputs = self.pipeline.translate(
                     tiles[keep], [t.name for t in plan.targets], steps=steps, guidance=guidance,
                     seed=seed, batch_size=self.batch_size,
-                    positions=[o for o, k in zip(batch, keep) if k],
+                    positions=[o for o, k in zip(batch, keep) if k], strength=strength, prompt=prompt,
                 )
             kept_index = np.cumsum(keep) - 1
             for name, a in sums.outputs.items():
@@ -457,6 +489,8 @@ class RegionTranslator:
                 for i, (oy, ox) in enumerate(batch):
                     if keep[i]:
                         value = outputs[name][kept_index[i]].astype(np.float32)
+                    elif strength is not None:  # image-to-image: glass stays the source's glass
+                        value = tiles[i].astype(np.float32)
                     else:
                         value = _background(a.sum.shape, T)
                     win = window if value.ndim == 2 else window[..., None]
@@ -471,7 +505,7 @@ class RegionTranslator:
 
     def finish(self, plan: RegionPlan, sums: RegionSums, start: float) -> RegionTranslation:
         """Normalise the (complete) sums into output layers placed over the slide."""
-        layers = self._layers(plan.targets, sums.outputs, sums.weight, sums.on_disk)
+        layers = self._layers(plan.targets, sums.outputs, sums.weight, sums.on_disk, plan.stain_norm)
         if sums.source is not None:
             layers = self._with_ihc(plan, layers, sums)
         if not sums.on_disk:
@@ -490,7 +524,7 @@ class RegionTranslator:
 
         return np.array([is_tissue(t) for t in tiles], dtype=bool)
 
-    def _layers(self, targets, acc, weight, on_disk) -> list[OutputLayer]:
+    def _layers(self, targets, acc, weight, on_disk, stain_norm=None) -> list[OutputLayer]:
         by_name = {t.name: t for t in targets}
         layers = []
         for name, a in acc.items():
@@ -506,6 +540,8 @@ class RegionTranslator:
             data = (data.clip(0, 255).round().astype(np.uint8) if rgb
                     else data.clip(0, 1).astype(np.float32))
             meta = {"target": name, "model_mpp": float(self.pipeline.mpp)}
+            if stain_norm is not None:
+                meta["stain_normalization"] = stain_norm.to_dict()
             layers.append(OutputLayer(name, target.kind, data, getattr(target, "colormap", "gray") or "gray", meta))
         return layers
 
@@ -617,9 +653,14 @@ def _read_tile(slide: Any, x: float, y: float, tile: int, factor: float) -> np.n
     level that is still finer than the model's mpp by the one resampler (`mupd.io.resample`,
     which also cuts the training tiles); off-slide is white.
     """
+    return _read_box(slide, x, y, tile, tile, factor)
+
+
+def _read_box(slide: Any, x: float, y: float, out_w: int, out_h: int, factor: float) -> np.ndarray:
+    """(out_h, out_w, 3) uint8 on `_read_tile`'s grid (any size, e.g. a region's preview)."""
     level, dsx, dsy = _pick_level(slide, factor)
     return resample_window(lambda x0, y0, x1, y1: _read_window(slide, level, x0, y0, x1, y1),
-                           x / dsx, y / dsy, tile, tile, factor / dsx, factor / dsy)
+                           x / dsx, y / dsy, out_w, out_h, factor / dsx, factor / dsy)
 
 
 def _read_window(slide: Any, level: Any, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..data.captions import RESTAIN_PROMPT
 from ..engine.api import TranslateRequest
 from ..errors import RegionError
+from ..stain_norm import METHODS as STAIN_NORM_METHODS
 from . import request_arg
 
 
@@ -27,6 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sampling steps (1: one-step readout)")
     p.add_argument("--seed", type=request_arg(TranslateRequest, "seed", int), default=0)
     p.add_argument("--no-render", action="store_true", help="skip the brightfield DAB rendering")
+    p.add_argument("--stain-norm", choices=("none", *STAIN_NORM_METHODS), default="none",
+                   help="map the slide's H&E stain onto the training data's before the model "
+                   "reads it (estimated once over the region)")
+    p.add_argument("--strength", type=request_arg(TranslateRequest, "strength", float), default=None,
+                   help="image-to-image for RGB stains, e.g. --stains H&E-FFPE --strength 0.5: "
+                   "0 keeps the source, 1 ignores it")
+    p.add_argument("--prompt", default=None,
+                   help=f"with --strength: the look to take (default {RESTAIN_PROMPT!r})")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
 
@@ -56,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
                              box=tuple(args.box) if args.box else None, polygon=polygon,
                              steps=args.steps, seed=args.seed, slide_mpp=args.mpp,
                              render_brightfield=not args.no_render, output_path=out,
-                             ome_tiff=args.ome_tiff),
+                             ome_tiff=args.ome_tiff, stain_norm=args.stain_norm,
+                             strength=args.strength, prompt=args.prompt),
             progress=bar,
         )
         bar.close()

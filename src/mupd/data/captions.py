@@ -23,6 +23,9 @@ from ..errors import DataError
 #: How derived captions are described in a store's attributes (they are not a pathologist's).
 DERIVED_CAPTIONS = ("derived from HER2ST metadata: cohort (breast, HER2-positive), stain, "
                     "training-tertile HER2 and immune expression levels, region label")
+#: Image-to-image (`MuPDPipeline.translate(..., strength=)`) prompt when none is given: the
+#: caption of the FFPE training slides (resources/configs/slide-captions.csv): frozen -> FFPE.
+RESTAIN_PROMPT = "H&E, FFPE section"
 #: Immune markers averaged into the immune score of a spot.
 IMMUNE_MARKERS = ("CD45", "CD3", "CD8", "CD68")
 _IMMUNE = {"low": "immune-poor", "intermediate": "moderate immune infiltrate", "high": "immune-rich"}

@@ -56,6 +56,9 @@ class TranslateRequest:
     render_brightfield: bool = True  # also render marker maps as a DAB-on-hematoxylin IHC image
     output_path: Optional[str] = None  # OME-Zarr written here when given (never overwritten)
     ome_tiff: bool = False  # with output_path: also a pyramidal OME-TIFF per layer
+    stain_norm: Optional[str] = None  # "macenko" / "reinhard" onto the training stain (mupd.stain_norm)
+    strength: Optional[float] = bounded(None, 0.0, 1.0)  # image-to-image for RGB stains (SDEdit)
+    prompt: Optional[str] = None  # with strength: the look to take (default: the FFPE caption)
 
 
 @dataclass

@@ -133,6 +133,7 @@ class LocalEngine:
                 slide, request.stains, box=request.box, polygon=request.polygon,
                 steps=request.steps, guidance=request.guidance, seed=request.seed,
                 render_brightfield=request.render_brightfield, progress=progress, cancel=cancel,
+                stain_norm=request.stain_norm, strength=request.strength, prompt=request.prompt,
             )
         output = None
         try:  # large results stay lazy, read back from the written OME-Zarr
