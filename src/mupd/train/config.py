@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from ..errors import MuPDError
+from .augment import AugmentSection
 
 
 class TrainConfigError(MuPDError):
@@ -49,6 +50,8 @@ class DataSection:
     # `patients` selects rows of `store` only; `exclude_patients` applies to these too.
     generate_stores: list[str] = field(default_factory=list)
     num_workers: int = 0
+    # Stain / geometry augmentation, baked into the latent cache (mupd.train.augment)
+    augment: AugmentSection = field(default_factory=AugmentSection)
 
     def check(self) -> None:
         if not self.store:
@@ -62,6 +65,10 @@ class DataSection:
             raise TrainConfigError("data.targets is empty: name at least one stain to learn")
         if self.store in self.generate_stores:
             raise TrainConfigError(f"data.generate_stores repeats data.store {self.store!r}")
+        try:
+            self.augment.check()
+        except MuPDError as exc:
+            raise TrainConfigError(str(exc)) from None
         both = set(self.patients) & set(self.exclude_patients)
         if both:
             raise TrainConfigError(f"patients {sorted(both)} are both included and excluded")

@@ -10,7 +10,8 @@ Layout of `<run>/latents/<key>/`:
     cache.json    what the key was made of (data path and fingerprint, codec fingerprint,
                   image count) and the latent shape
     latents.f32   (N, C, h, w) float32, C order, raw (read with a memory map, never unpickled)
-    index.npy     (n_samples, 2) int64: each sample's target and source row (-1: no source)
+    index.npy     (views x n_samples, 2) int64: each sample's target and source row (-1: no
+                  source); row v * n_samples + i is view v of sample i (mupd.train.augment)
 The key hashes the data's files (relative path, size and mtime of every file of every store or
 folder the samples come from), the selection (config data section, tile size, sample count)
 every weight of the codec (`codec_fingerprint`) and the marker codec, if any: a changed store,
@@ -36,6 +37,7 @@ import torch
 from ..errors import DataError
 from ..models.codec import AreaCodec, Codec, codec_fingerprint, encode_targets
 from ..progress import ProgressCallback, ProgressEvent, no_progress
+from .augment import AugmentSection, view_of
 from .batches import Sample, image_to_tensor
 
 CACHE_FILE = "cache.json"
@@ -71,14 +73,16 @@ class LatentSamples(Sequence[Sample]):
         self.samples, self.folder = samples, Path(folder)
         info = json.loads((self.folder / CACHE_FILE).read_text())
         self.shape = (int(info["images"]), *info["latent_shape"])
+        self.augment = AugmentSection(**info["augment"]) if info.get("augment") else None
         self.index = np.load(self.folder / INDEX_FILE, allow_pickle=False)
-        if len(self.index) != len(samples):
+        views = self.augment.views if self.augment else 1
+        if len(self.index) != views * len(samples):
             raise DataError(f"latent cache {self.folder} indexes {len(self.index)} samples, the "
-                            f"data has {len(samples)}")
+                            f"data has {len(samples)} x {views} views")
         self._latents: Optional[np.memmap] = None  # opened on first read (in each worker)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.index)
 
     def __getitem__(self, i: int) -> Sample:  # type: ignore[override]
         if self._latents is None:
@@ -88,18 +92,27 @@ class LatentSamples(Sequence[Sample]):
         latents = {"target": np.array(self._latents[target_row])}
         if source_row >= 0:
             latents["source"] = np.array(self._latents[source_row])
-        return dataclasses.replace(self.samples[i], target=None, source=None, latents=latents)
+        view, sample = divmod(i, len(self.samples))
+        sample = self.samples[sample]
+        valid = sample.target_valid
+        if valid is not None and view:  # the mask turns with its target
+            valid = view_of(self.augment, sample.name, view).geometry(valid)
+        return dataclasses.replace(sample, target=None, source=None, latents=latents,
+                                   target_valid=valid)
 
     def __getstate__(self) -> dict[str, Any]:  # data-loader workers reopen the memory map
         return {**self.__dict__, "_latents": None}
 
 
 def _encode_all(samples: Sequence[Sample], codec: Codec, markers: Optional[AreaCodec], tmp: Path,
-                device: Any, batch_size: int, progress: ProgressCallback) -> tuple[int, list[int]]:
-    """Encode every distinct image of `samples` into tmp/LATENTS_FILE and tmp/INDEX_FILE
-    (marker maps, the 2-D targets, through `markers` when given)."""
+                device: Any, batch_size: int, progress: ProgressCallback,
+                augment: Optional[AugmentSection] = None) -> tuple[int, list[int]]:
+    """Encode every distinct image of every view of `samples` into tmp/LATENTS_FILE and
+    tmp/INDEX_FILE (marker maps, the 2-D targets, through `markers` when given)."""
     rows: dict[str, int] = {}
-    index = np.full((len(samples), 2), -1, dtype=np.int64)
+    views = augment.views if augment else 1
+    n = len(samples)
+    index = np.full((views * n, 2), -1, dtype=np.int64)
     pending: list[torch.Tensor] = []
     is_marker: list[bool] = []
     shape: list[int] = []
@@ -116,22 +129,26 @@ def _encode_all(samples: Sequence[Sample], codec: Codec, markers: Optional[AreaC
             pending.clear()
             is_marker.clear()
 
-        for i in range(len(samples)):
+        for j in range(views * n):
+            view, i = divmod(j, n)
             sample = samples[i]
+            transform = view_of(augment, sample.name, view)
             for slot, (key, image) in enumerate(zip(_image_keys(sample),
                                                     (sample.target, sample.source))):
                 if key is None:
                     continue
+                key = f"{key}|{view}"
                 if key not in rows:
                     rows[key] = len(rows)
-                    pending.append(image_to_tensor(image))
+                    pending.append(image_to_tensor(transform.apply(image) if view else image))
                     is_marker.append(image.ndim == 2)
                     if len(pending) == batch_size:
                         flush()
-                index[i, slot] = rows[key]
-            if (i + 1) % 64 == 0 or i + 1 == len(samples):
-                progress(ProgressEvent("latents", i + 1, len(samples),
-                                       message=f"encoding training tiles once ({len(rows)} images)"))
+                index[j, slot] = rows[key]
+            if (j + 1) % 64 == 0 or j + 1 == views * n:
+                progress(ProgressEvent("latents", j + 1, views * n,
+                                       message=f"encoding training tiles once ({len(rows)} images, "
+                                       f"{views} view{'s' * (views > 1)})"))
         flush()
         out.flush()
         os.fsync(out.fileno())
@@ -143,9 +160,11 @@ def build_latent_cache(samples: Sequence[Sample], codec: Codec, root: Path,
                        data_paths: Sequence[Path], selection: dict[str, Any], device: Any = "cpu",
                        batch_size: int = 32,
                        progress: Optional[ProgressCallback] = None,
-                       markers: Optional[AreaCodec] = None) -> Path:
+                       markers: Optional[AreaCodec] = None,
+                       augment: Optional[AugmentSection] = None) -> Path:
     """The cache folder for (samples, codec, data): reused when it exists, else built once.
-    `markers`: the model's marker codec (None: `codec` codes the marker maps too).
+    `markers`: the model's marker codec (None: `codec` codes the marker maps too); `augment`:
+    with views > 1, that many versions of every sample (mupd.train.augment).
 
     `selection`: what picks `samples` out of the data (e.g. the config's data section and tile
     size), part of the key. Built in a hidden temporary folder and renamed into place, so a
@@ -158,6 +177,9 @@ def build_latent_cache(samples: Sequence[Sample], codec: Codec, root: Path,
                 "selection": selection, "samples": len(samples), "codec": codec_fingerprint(codec)}
     if markers is not None:
         identity["markers"] = markers.config()
+    augment = augment if augment is not None and augment.views > 1 else None
+    if augment is not None:
+        identity["augment"] = dataclasses.asdict(augment)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     folder = root / key
     if (folder / CACHE_FILE).is_file():
@@ -168,7 +190,7 @@ def build_latent_cache(samples: Sequence[Sample], codec: Codec, root: Path,
     tmp = root / f".tmp-{key}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    images, shape = _encode_all(samples, codec, markers, tmp, device, batch_size, progress)
+    images, shape = _encode_all(samples, codec, markers, tmp, device, batch_size, progress, augment)
     (tmp / CACHE_FILE).write_text(json.dumps({**identity, "images": images,
                                               "latent_shape": shape}, indent=1))
     os.replace(tmp, folder)

@@ -17,7 +17,7 @@ from ..progress import CancelToken, ProgressCallback, ProgressEvent
 from .batches import Sample
 from .card import write_model_card
 from .checkpoint import CheckpointManager
-from .config import ModelSection, TrainConfig, dump_config
+from .config import ModelSection, TrainConfig, TrainConfigError, dump_config
 from .trainer import Trainer, TrainResult, make_accelerator
 
 
@@ -55,6 +55,10 @@ def cached_latents(config: TrainConfig, pipeline: Any, samples: Sequence[Sample]
     from .latents import LatentSamples, build_latent_cache
 
     codec = getattr(pipeline, "codec", None)
+    if config.data.augment.views > 1 and not (isinstance(codec, VAECodec)
+                                             and getattr(pipeline, "LATENT_BATCHES", False)):
+        raise TrainConfigError("data.augment is baked into the latent cache, which needs a VAE "
+                               "codec (model.overrides.codec); this model has none")
     if not isinstance(codec, VAECodec):
         return samples, "pixel codec (weight-free space-to-depth): no codec to train"
     if not getattr(pipeline, "LATENT_BATCHES", False):
@@ -69,7 +73,8 @@ def cached_latents(config: TrainConfig, pipeline: Any, samples: Sequence[Sample]
                                 [Path(config.data.store), *map(Path, config.data.generate_stores)],
                                 selection, device=accelerator.device,
                                 progress=progress if accelerator.is_main_process else None,
-                                markers=getattr(pipeline, "marker_codec", None))
+                                markers=getattr(pipeline, "marker_codec", None),
+                                augment=config.data.augment)
     if accelerator.is_main_process:
         accelerator.wait_for_everyone()
     return LatentSamples(samples, folder), f"VAE codec, frozen; latents cached once in {folder}"
