@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-template", default=None,
                    help="text->H&E prompt with {marker} and {level} (high/low); match the training "
                         "captions (default: 'H&E breast cancer tissue, {marker}-{level}')")
+    p.add_argument("--tasks", nargs="+", choices=("markers", "rna", "text", "augment"), default=None,
+                   help="run only these tasks (default: all four; a partial report says so)")
+    p.add_argument("--stain-norm", choices=("none", "macenko", "reinhard"), default="none",
+                   help="the model reads the tiles normalised per section onto the training stain "
+                        "(baselines read them as they are)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing quality.md")
     p.set_defaults(func=run)
 
@@ -48,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"no HER2ST data under {data}; pass --data DIR (the folder holding st/her2st)")
     settings = EvalSettings(data_root=data, seeds=tuple(args.seeds), quick=args.quick,
                             encoder=args.encoder, overwrite=args.overwrite,
-                            markers=tuple(args.markers) if args.markers else None)
+                            markers=tuple(args.markers) if args.markers else None,
+                            stain_norm=args.stain_norm)
+    if args.tasks:
+        settings.tasks = tuple(dict.fromkeys(args.tasks))
     if args.prompt_template is not None:
         if "{marker}" not in args.prompt_template or "{level}" not in args.prompt_template:
             raise ConditionError(f"prompt template {args.prompt_template!r} needs {{marker}} and {{level}}")

@@ -82,11 +82,14 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
                      progress: ProgressCallback = no_progress,
                      cancel: Optional[CancelToken] = None,
                      feature_ridges: Optional[dict[str, tuple[RidgeBaseline, np.ndarray, np.ndarray]]] = None,
+                     model_tiles: Optional[tuple[np.ndarray, np.ndarray]] = None,
                      ) -> dict[str, Any]:
     """`markers`: marker name -> gene; `ridge` fitted on `train` for those genes (in that order).
     `feature_ridges`: further ridge baselines on other feature spaces, name -> (ridge fitted on
     `train` for those genes, its training features, its held-out features (rows as `heldout`)),
     e.g. {RIDGE_CNN: ...}; each is scored, bootstrapped and compared with MuPD like `ridge`.
+    `model_tiles`: (training, held-out) tiles the model reads in place of the tables' own
+    (e.g. stain-normalised ones); the baselines always read the tables' tiles.
     Returns JSON-able results plus `_predictions` for the figures."""
     names, genes = list(markers), list(markers.values())
     feature_ridges = dict(feature_ridges or {})
@@ -104,14 +107,15 @@ def evaluate_markers(train: SpotTable, heldout: SpotTable, markers: dict[str, st
     rng = np.random.default_rng(0)
     cal = np.sort(rng.choice(len(train), size=min(calibration_spots, len(train)), replace=False))
     model_runs: list[dict[str, np.ndarray]] = []
+    tiles_train, tiles_held = model_tiles if model_tiles is not None else (train.tiles, heldout.tiles)
     if pipeline is not None:
         total = len(seeds) * (len(cal) + len(heldout))
         done = 0
         for seed in seeds:
-            pred_cal = predict_marker_spots(pipeline, train.tiles[cal], names, seed, steps, cancel=cancel)
+            pred_cal = predict_marker_spots(pipeline, tiles_train[cal], names, seed, steps, cancel=cancel)
             done += len(cal)
             progress(ProgressEvent("markers", done, total, f"seed {seed}: training calibration"))
-            pred_held = predict_marker_spots(pipeline, heldout.tiles, names, seed, steps, cancel=cancel)
+            pred_held = predict_marker_spots(pipeline, tiles_held, names, seed, steps, cancel=cancel)
             done += len(heldout)
             progress(ProgressEvent("markers", done, total, f"seed {seed}: held-out spots"))
             calibrated = np.column_stack([

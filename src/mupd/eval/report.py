@@ -55,21 +55,25 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
 
 
 def _figures(results: dict[str, Any], out: Path) -> dict[str, str]:
-    m = results["markers"]
-    paths = {"markers": marker_figure(m, m["_image_paths"], out)}
-    rna = results["rna_to_he"]["_examples"]
-    paths["rna_to_he"] = tile_grid_figure(
-        {"ground truth: real tile of the spot": rna.get("real (same spots)", []),
-         "MuPD from the spot's RNA": rna.get("MuPD (RNA)", []),
-         "MuPD unconditional (baseline)": rna.get("MuPD (unconditional)", [])},
-        "RNA -> H&E on held-out B4 spots", out / "fig-rna-to-he.png")
-    text = results["text_to_he"]["_examples"]
+    paths = {}
+    if "markers" in results:
+        m = results["markers"]
+        paths["markers"] = marker_figure(m, m["_image_paths"], out)
+    rna = results.get("rna_to_he", {}).get("_examples")
+    if rna is not None:
+        paths["rna_to_he"] = tile_grid_figure(
+            {"ground truth: real tile of the spot": rna.get("real (same spots)", []),
+             "MuPD from the spot's RNA": rna.get("MuPD (RNA)", []),
+             "MuPD unconditional (baseline)": rna.get("MuPD (unconditional)", [])},
+            "RNA -> H&E on held-out B4 spots", out / "fig-rna-to-he.png")
+    text = results.get("text_to_he", {}).get("_examples")
     if text:
         paths["text_to_he"] = tile_grid_figure(dict(text), "text -> H&E: real held-out B4 tiles "
                                                "of each class, MuPD tiles for its prompt\n"
                                                f"({results['text_to_he']['prompt_template']})",
                                                out / "fig-text-to-he.png")
-    paths["augmentation"] = augmentation_figure(results["augmentation"], out / "fig-augmentation.png")
+    if "augmentation" in results:
+        paths["augmentation"] = augmentation_figure(results["augmentation"], out / "fig-augmentation.png")
     return {k: Path(v).name for k, v in paths.items()}
 
 
@@ -97,11 +101,17 @@ def render_markdown(r: dict[str, Any], figures: dict[str, str]) -> str:
            "; no encoder given (`--encoder DIR` adds one)."),
         "",
     ]
+    if r.get("stain_norm"):
+        lines[-1:-1] = [f"- Stain normalisation: the model read every tile after `{r['stain_norm']}` "
+                        "normalisation onto the training stain, fitted per section "
+                        "(`mupd.stain_norm`); the baselines read the tiles as they are."]
+    if r.get("tasks") and len(r["tasks"]) < 4:
+        lines[-1:-1] = [f"- Tasks: {', '.join(r['tasks'])} only (a partial report)."]
     lines += _summary_md(r, has_model)
-    lines += _markers_md(r["markers"], has_model)
-    lines += _rna_md(r["rna_to_he"], has_model)
-    lines += _text_md(r["text_to_he"], has_model)
-    lines += _augment_md(r["augmentation"], has_model)
+    for key, part in (("markers", _markers_md), ("rna_to_he", _rna_md), ("text_to_he", _text_md),
+                      ("augmentation", _augment_md)):
+        if key in r:
+            lines += part(r[key], has_model)
     lines += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
     return "\n".join(lines)
 
@@ -109,7 +119,7 @@ def render_markdown(r: dict[str, Any], figures: dict[str, str]) -> str:
 def _summary_md(r: dict[str, Any], has_model: bool) -> list[str]:
     """The headline numbers, each beside the strongest baseline for it."""
     lines = ["## Summary", ""]
-    for name, sec in r["markers"]["sections"].items():
+    for name, sec in r.get("markers", {}).get("sections", {}).items():
         methods = sec["methods"]
         baselines = {k: methods[k]["mean_r"]["mean"] for k in (*_learned(r["markers"]), "hematoxylin density")}
         best = max(baselines, key=lambda k: -1.0 if baselines[k] is None else baselines[k])
@@ -121,15 +131,17 @@ def _summary_md(r: dict[str, Any], has_model: bool) -> list[str]:
             if lo_hi and None not in lo_hi:
                 text += f" (MuPD minus {best}: [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}])"
         lines.append(text + ".")
-    g = r["rna_to_he"]
-    lines.append(f"- RNA->H&E, {g['n_per_set']} tiles per set, FD (handcrafted): "
-                 + "; ".join(f"{k} {fmt(v)}" for k, v in g["fd"]["handcrafted"].items()) + ".")
+    g = r.get("rna_to_he", {"fd": {}})
+    if "handcrafted" in g["fd"]:
+        lines.append(f"- RNA->H&E, {g['n_per_set']} tiles per set, FD (handcrafted): "
+                     + "; ".join(f"{k} {fmt(v)}" for k, v in g["fd"]["handcrafted"].items()) + ".")
     if "inception" in g["fd"]:
         lines.append(f"- RNA->H&E, {g['n_per_set']} tiles per set, FID / KID x 10^3 (Inception): "
                      + "; ".join(f"{k} {fmt(v)} / {fmt_kid(g['kid']['inception'][k])}"
                                  for k, v in g["fd"]["inception"].items()) + ".")
-    aug = r["augmentation"]["balanced_accuracy"]
-    lines.append("- Augmentation balanced accuracy: " + "; ".join(f"{k} {fmt(v)}" for k, v in aug.items()) + ".")
+    aug = r.get("augmentation", {}).get("balanced_accuracy")
+    if aug:
+        lines.append("- Augmentation balanced accuracy: " + "; ".join(f"{k} {fmt(v)}" for k, v in aug.items()) + ".")
     return lines + [""]
 
 

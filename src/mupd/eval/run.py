@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from ..errors import DataError, ModelError, OutputExistsError
 from ..paths import STAIN_CATALOGUE
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
@@ -27,6 +29,8 @@ from .spots import build_spot_table
 #: Text attributes (marker -> gene) scored for text->H&E.
 TEXT_ATTRIBUTES = {"HER2": "ERBB2", "ER": "ESR1", "Ki67": "MKI67", "CD45": "PTPRC"}
 AUGMENT_MARKER = ("HER2", "ERBB2")
+#: Evaluation tasks, in the order they run (`mupd eval --tasks`).
+TASKS = ("markers", "rna", "text", "augment")
 #: Tile geometry for a baseline-only run (no model to take it from).
 BASELINE_TILE_SIZE, BASELINE_MPP = 128, 1.0
 
@@ -40,6 +44,10 @@ class EvalSettings:
     prompt: str = DEFAULT_PROMPT
     overwrite: bool = False
     markers: Optional[tuple[str, ...]] = None  # catalogue markers to score; None: all with a gene
+    tasks: tuple[str, ...] = TASKS
+    # The model's input tiles normalised per section onto the training stain (mupd.stain_norm);
+    # the baselines keep the tiles as they are, so they stay the same bar.
+    stain_norm: Optional[str] = None
     # Sizes; `quick` replaces the None/defaults with small ones.
     train_spots: Optional[int] = None  # per section; None: all
     heldout_spots: Optional[int] = None
@@ -54,6 +62,12 @@ class EvalSettings:
     synthetic: int = 16
 
     def __post_init__(self) -> None:
+        from ..stain_norm import check_method
+
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise DataError(f"evaluation tasks {unknown or '(none)'} unknown; choose from {', '.join(TASKS)}")
+        self.stain_norm = check_method(self.stain_norm)
         if self.quick:
             self.train_spots = self.train_spots or 40
             self.heldout_spots = self.heldout_spots or 24
@@ -114,24 +128,47 @@ def run_evaluation(model: Any, out: Path | str, settings: EvalSettings,
                               "efficientnet": cnn.name, "encoder": encoder.name if encoder else None},
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("data_root", "overwrite")},
     }
-    results["markers"] = evaluate_markers(train, heldout, markers, ridge, pipeline, seeds,
-                                          settings.translate_steps, settings.calibration_spots,
-                                          settings.bootstrap, progress, cancel,
-                                          feature_ridges={RIDGE_CNN: (ridge_cnn, cnn_train, cnn_held)})
+    tasks = settings.tasks
+    results["tasks"], results["stain_norm"] = list(tasks), settings.stain_norm
+    if "markers" in tasks:
+        model_tiles = None
+        if settings.stain_norm and pipeline is not None:
+            model_tiles = (stain_normalised(train, settings.stain_norm),
+                           stain_normalised(heldout, settings.stain_norm))
+        results["markers"] = evaluate_markers(train, heldout, markers, ridge, pipeline, seeds,
+                                              settings.translate_steps, settings.calibration_spots,
+                                              settings.bootstrap, progress, cancel,
+                                              feature_ridges={RIDGE_CNN: (ridge_cnn, cnn_train, cnn_held)},
+                                              model_tiles=model_tiles)
     space = FeatureSpace(train, encoder, inception)
     rna_tiles = settings.rna_tiles or (settings.n_tiles if settings.quick else len(primary) // 2)
-    results["rna_to_he"] = evaluate_rna_to_he(pipeline, train, primary, genes, ridge, space, seeds,
-                                              rna_tiles, settings.steps, progress, cancel)
+    if "rna" in tasks:
+        results["rna_to_he"] = evaluate_rna_to_he(pipeline, train, primary, genes, ridge, space, seeds,
+                                                  rna_tiles, settings.steps, progress, cancel)
     attributes = {m: g for m, g in TEXT_ATTRIBUTES.items() if g in genes}
-    results["text_to_he"] = evaluate_text_to_he(pipeline, train, primary, attributes, seeds,
-                                                settings.n_tiles, settings.steps, settings.prompt,
-                                                progress, cancel)
-    results["augmentation"] = evaluate_augmentation(pipeline, train, primary, *AUGMENT_MARKER, seeds,
-                                                    settings.shots, settings.synthetic,
-                                                    settings.steps, progress, cancel)
+    if "text" in tasks:
+        results["text_to_he"] = evaluate_text_to_he(pipeline, train, primary, attributes, seeds,
+                                                    settings.n_tiles, settings.steps, settings.prompt,
+                                                    progress, cancel)
+    if "augment" in tasks:
+        results["augmentation"] = evaluate_augmentation(pipeline, train, primary, *AUGMENT_MARKER,
+                                                        seeds, settings.shots, settings.synthetic,
+                                                        settings.steps, progress, cancel)
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_report(results, out)
     return results
+
+
+def stain_normalised(table: Any, method: str) -> np.ndarray:
+    """The table's tiles with each section's stain (estimated on all its spot tiles, as a
+    region's is on its preview) mapped onto the training stain (mupd.stain_norm)."""
+    from ..stain_norm import fit_normalization
+
+    tiles = np.array(table.tiles)
+    for name in dict.fromkeys(table.section_of):
+        idx = table.section_index(name)
+        tiles[idx] = fit_normalization(method, tiles[idx], what=f"section {name}")(tiles[idx])
+    return tiles
 
 
 def _load(model: Any) -> tuple[Any, Optional[str]]:
