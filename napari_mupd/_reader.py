@@ -1,8 +1,17 @@
-"""napari reader: any slide `mupd.io.open_slide` understands, as lazy calibrated layers.
+"""napari reader: any slide `mupd.io.open_slide` understands, as lazy calibrated layers, and
+QuPath GeoJSON annotations as a Shapes layer placed on the open slide.
 
 RGB slides become one multiscale RGB layer; fluorescence slides one additive layer per channel.
 Scales are micrometres per pixel so that the scale bar, ROIs and engine results line up. Nothing
 is decoded here: the layers hold the slide's dask levels and napari reads tiles as it draws.
+
+A `.geojson` file (parsed by `mupd.io.read_geojson`: annotations only, cells and other
+detections skipped) becomes one Shapes layer whose data are the outlines' level-0 pixels and
+whose scale and translate are the slide layer's (the active one, else the top-most), so the
+shapes sit on the slide exactly. Each shape keeps its annotation's name, class, QuPath feature
+id and holes as layer features, and its class colour as edge colour. napari shapes have no
+holes: the outline is the shape and the holes (level-0 (x, y) rings, JSON) stay in the
+`holes` feature, which the writer saves back and the Translate panel sends with the region.
 """
 
 from __future__ import annotations
@@ -23,13 +32,22 @@ LayerData = tuple[Any, dict, str]
 ReaderFunction = Callable[[PathLike], list[LayerData]]
 
 
+#: Edge colour of an annotation without a class (RGBA).
+UNCLASSIFIED_COLOR = (1.0, 1.0, 0.0, 1.0)
+#: Edge width of annotation outlines, in micrometres on the slide.
+EDGE_UM = 2.0
+
+
 def napari_get_reader(path: Union[PathLike, list[PathLike]]) -> Optional[ReaderFunction]:
-    """The reader for `path` if it opens as a slide, else None (napari then tries other readers)."""
+    """The reader for `path` if it opens as a slide or is GeoJSON, else None (napari then tries
+    other readers)."""
     if isinstance(path, (list, tuple)):
         if len(path) != 1:
             log.info("napari-mupd opens one slide at a time, not a stack of %d files", len(path))
             return None
         path = path[0]
+    if str(path).lower().endswith(".geojson"):
+        return read_annotations
     from mupd.errors import MuPDError
     from mupd.io import open_slide
 
@@ -48,6 +66,64 @@ def napari_get_reader(path: Union[PathLike, list[PathLike]]) -> Optional[ReaderF
         return slide_layer_data(slide)
 
     return read
+
+
+def read_annotations(path: PathLike) -> list[LayerData]:
+    """A QuPath GeoJSON as a Shapes layer on the current viewer's slide (see the module doc)."""
+    from mupd.io import read_geojson
+
+    from ._regions import is_slide_layer
+
+    viewer = _current_viewer()
+    slide = None
+    if viewer is not None:
+        active = viewer.layers.selection.active
+        slides = [l for l in viewer.layers if is_slide_layer(l)]
+        slide = active if active is not None and is_slide_layer(active) else (slides[-1] if slides else None)
+    if slide is None:
+        from napari.utils.notifications import show_warning
+
+        show_warning(f"{Path(path).name}: no slide is open, so its annotations are shown in level-0 "
+                     "pixels; open the slide first to place them on it")
+    return [annotation_layer_data(read_geojson(path), slide, Path(path).stem)]
+
+
+def _current_viewer() -> Any:
+    from napari import current_viewer
+
+    return current_viewer()
+
+
+def annotation_layer_data(regions: list, slide_layer: Any = None, name: str = "annotations") -> LayerData:
+    """Shapes layer data of `mupd.io.Region`s: level-0 (y, x) vertices placed with the slide
+    layer's scale and translate (pixel units without a slide)."""
+    import json
+
+    data, types, colors = [], [], []
+    for r in regions:
+        yx = np.asarray(r.polygon, dtype=float)[:, ::-1]
+        if r.shape == "ellipse":  # napari ellipses are their bounding box, as QuPath's are
+            (y0, x0), (y1, x1) = yx.min(axis=0), yx.max(axis=0)
+            yx = np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]])
+        data.append(yx)
+        types.append(r.shape)
+        colors.append(tuple(c / 255 for c in r.color) + (1.0,) if r.color else UNCLASSIFIED_COLOR)
+    features = {"name": [r.name for r in regions],
+                "classification": [r.classification for r in regions],
+                "id": [r.id for r in regions],
+                "holes": [json.dumps([[list(p) for p in h] for h in r.holes]) for r in regions]}
+    meta: dict[str, Any] = {"name": name, "shape_type": types, "edge_color": colors or "yellow",
+                            "face_color": "transparent", "features": features}
+    if slide_layer is not None:
+        scale = tuple(float(v) for v in slide_layer.scale[-2:])
+        translate = tuple(float(v) for v in slide_layer.translate[-2:])
+        meta.update(scale=scale, translate=translate, units=tuple(slide_layer.units[-2:]),
+                    edge_width=EDGE_UM / scale[0] if slide_layer.metadata.get("mpp") else 2.0,
+                    metadata={"mpp": slide_layer.metadata.get("mpp"), "level0_origin_um": translate,
+                              "slide_path": slide_layer.metadata.get("slide_path")})
+    else:
+        meta["edge_width"] = 2.0
+    return data, meta, "shapes"
 
 
 def slide_layer_data(slide) -> list[LayerData]:

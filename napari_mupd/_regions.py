@@ -51,6 +51,11 @@ def _to_level0(points_world: np.ndarray, slide_layer: Any) -> Polygon:
 
 def selected_polygons(shapes_layer: Any, slide_layer: Any) -> list[Polygon]:
     """The selected shapes as level-0 polygons (ellipses come as napari's polygon outline)."""
+    return [r.polygon for r in selected_regions(shapes_layer, slide_layer)]
+
+
+def selected_regions(shapes_layer: Any, slide_layer: Any) -> list[Any]:
+    """The selected shapes as level-0 `mupd.io.Region`s (name, class, holes from the features)."""
     if shapes_layer is None or not len(shapes_layer.data):
         raise RegionError("no region: draw a rectangle or polygon in a Shapes layer, select it, "
                           "or choose 'field of view'")
@@ -58,14 +63,59 @@ def selected_polygons(shapes_layer: Any, slide_layer: Any) -> list[Polygon]:
     if not chosen:
         raise RegionError(f"no shape is selected in layer {shapes_layer.name!r}: select one or "
                           "more shapes (or choose 'field of view')")
-    polygons = []
-    for i in chosen:
+    return shape_regions(shapes_layer, slide_layer, chosen)
+
+
+def class_names(shapes_layer: Any) -> list[str]:
+    """The annotation classes of a shapes layer (its `classification` feature), sorted."""
+    if shapes_layer is None or "classification" not in shapes_layer.features:
+        return []
+    return sorted({str(c) for c in shapes_layer.features["classification"] if _present(c)})
+
+
+def class_regions(shapes_layer: Any, slide_layer: Any, name: str) -> list[Any]:
+    """Every shape of class `name` as a level-0 `mupd.io.Region`."""
+    classes = shapes_layer.features.get("classification", []) if shapes_layer is not None else []
+    chosen = [i for i, c in enumerate(classes) if _present(c) and str(c) == name]
+    if not chosen:
+        where = f"layer {shapes_layer.name!r}" if shapes_layer is not None else "any Shapes layer"
+        raise RegionError(f"no annotation of class {name!r} in {where}: open a GeoJSON with that "
+                          "class or pick another class")
+    return shape_regions(shapes_layer, slide_layer, chosen)
+
+
+def shape_regions(shapes_layer: Any, slide_layer: Any, indices: list[int]) -> list[Any]:
+    """Shapes `indices` as `mupd.io.Region`s in the slide's level-0 pixels: the outline through
+    the layers' transforms (ellipses as napari's polygon outline), name, class and edge colour
+    from the layer, holes from its `holes` feature (level-0 rings as JSON, see `_reader`)."""
+    import json
+
+    from mupd.io import Region
+
+    features = shapes_layer.features
+
+    def column(key: str, i: int) -> Any:
+        value = features[key].iloc[i] if key in features else None
+        return value if _present(value) else None
+
+    regions = []
+    for i in indices:
         vertices = np.asarray(shapes_layer.data[i], dtype=float)
         if shapes_layer.shape_type[i] == "ellipse":
             vertices = ellipse_outline(vertices)
         world = np.array([shapes_layer.data_to_world(v) for v in vertices])
-        polygons.append(_to_level0(world, slide_layer))
-    return polygons
+        klass, name = column("classification", i), column("name", i)
+        holes = json.loads(column("holes", i) or "[]")
+        color = tuple(int(c) for c in np.rint(np.asarray(shapes_layer.edge_color[i][:3]) * 255))
+        regions.append(Region(_to_level0(world, slide_layer), name=None if name is None else str(name),
+                              classification=None if klass is None else str(klass),
+                              color=color if klass is not None else None,
+                              holes=[[(float(x), float(y)) for x, y in h] for h in holes]))
+    return regions
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value)) and value != ""
 
 
 def ellipse_outline(corners: np.ndarray, n_points: int = 64) -> np.ndarray:

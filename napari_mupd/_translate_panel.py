@@ -2,24 +2,32 @@
 
 The panel only gathers choices and turns results into layers; the work is `Engine.translate`
 (the same call `mupd stain` and the server make), run off the Qt thread with a progress bar.
+Regions are the selected shapes, the field of view, or every annotation of one class (from a
+QuPath GeoJSON opened with this plugin's reader; holes go with their region). The engine's
+per-region predicted scores (`mupd.scores`) are shown in a table and exported with
+`mupd.scores.write_score_files` (CSV + QuPath GeoJSON), the same files `mupd stain` writes.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSlider, FloatSpinBox, Label,
-                              RadioButtons, Select, SpinBox)
+from pathlib import Path
+
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox,
+                              Label, PushButton, RadioButtons, Select, SpinBox)
 from napari.layers import Layer
 from napari.utils.notifications import show_info
-from qtpy.QtWidgets import QVBoxLayout, QWidget
+from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
 from mupd.engine.api import EngineInfo, TranslateRequest, TranslateResult
 from mupd.errors import ConditionError, MuPDError, RegionError
+from mupd.io import Region
+from mupd.scores import CSV_COLUMNS, ScoredRegion, score_row, write_score_files
 
 from . import _settings
-from ._regions import (Polygon, area_mm2, check_inside, is_slide_layer, roi_shapes,
-                       selected_polygons, slide_mpp, view_polygon)
+from ._regions import (Polygon, area_mm2, check_inside, class_names, class_regions, is_slide_layer,
+                       roi_shapes, selected_regions, slide_mpp, view_polygon)
 from ._results import IHC_OPACITY, arrange, result_layers, set_rgb_opacity, stain_layer_data
 from ._session import session
 from ._tasks import EngineTask, RunCancel, ensure_engine, notify_error
@@ -29,21 +37,42 @@ from ._tasks import EngineTask, RunCancel, ensure_engine, notify_error
 DEFAULT_SECONDS_PER_MM2 = {"cpu": 8.0, "mps": 2.0, "cuda": 0.5}
 FIELD_OF_VIEW = "field of view"
 SELECTED = "selected shapes"
+CLASS = "all of class"
+#: Table columns: the CSV's, whose headers say "predicted" (mupd.scores.CSV_COLUMNS).
+TABLE_HEADERS = [header for header, _ in CSV_COLUMNS]
 
 
 def translation_requests(slide_layer: Any, polygons: list[Polygon], stains: list[str], steps: int,
-                         seed: int, render_brightfield: bool,
-                         source_guidance: float = 1.0) -> list[TranslateRequest]:
-    """One engine request per region of an open slide layer (level-0 polygons)."""
+                         seed: int, render_brightfield: bool, source_guidance: float = 1.0,
+                         holes: Optional[list[list[Polygon]]] = None) -> list[TranslateRequest]:
+    """One engine request per region of an open slide layer (level-0 polygons, each with its
+    holes when given)."""
     if not stains:
         raise ConditionError("pick at least one target stain or marker")
     for polygon in polygons:
         check_inside(polygon, slide_layer)
+    holes = holes or [[] for _ in polygons]
     user_mpp = slide_layer.metadata["mpp"][0] if slide_layer.metadata.get("mpp_source") == "user" else None
     return [TranslateRequest(slide_path=slide_layer.metadata["slide_path"], stains=list(stains),
-                             polygon=polygon, steps=steps, seed=seed, slide_mpp=user_mpp,
+                             polygon=polygon, holes=[list(h) for h in cut], steps=steps, seed=seed,
+                             slide_mpp=user_mpp,
                              guidance={} if source_guidance == 1.0 else {"source": source_guidance},
-                             render_brightfield=render_brightfield) for polygon in polygons]
+                             render_brightfield=render_brightfield)
+            for polygon, cut in zip(polygons, holes)]
+
+
+def fill_scores_table(table: QTableWidget, scored: list[ScoredRegion]) -> None:
+    """One row per region and marker: the CSV's row (`mupd.scores.score_row`), numbers rounded."""
+    rows = [score_row(item.name, s) for item in scored for s in item.scores]
+    table.setRowCount(len(rows))
+    for r, row in enumerate(rows):
+        for c, value in enumerate(row):
+            text = ("n/a" if value is None else f"{value:.3g}" if c == 3 and isinstance(value, float)
+                    else f"{value:.1f}" if isinstance(value, float) else str(value))
+            item = QTableWidgetItem(text)
+            item.setToolTip(TABLE_HEADERS[c])
+            table.setItem(r, c, item)
+    table.resizeColumnsToContents()
 
 
 def add_results(viewer: Any, results: list[tuple[str, TranslateResult]],
@@ -66,14 +95,18 @@ class TranslatePanel(QWidget):
         self.task: Optional[EngineTask] = None
         self.source = ComboBox(label="slide", choices=self._slide_choices)
         self.stains = Select(label="stains / markers", choices=[])
-        self.region = RadioButtons(label="region", choices=[SELECTED, FIELD_OF_VIEW], value=SELECTED)
+        self.region = RadioButtons(label="region", choices=[SELECTED, FIELD_OF_VIEW, CLASS], value=SELECTED)
+        self.klass = ComboBox(label="class", choices=self._class_choices,
+                              tooltip="with 'all of class': every annotation of this class in the "
+                              "Shapes layer (e.g. a QuPath GeoJSON opened with File > Open)")
         self.steps = SpinBox(label="steps", min=1, max=100, value=1,
                              tooltip="sampling steps; 1 is the one-step readout (fastest)")
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0)
         self.guidance = FloatSlider(label="source guidance", min=0.0, max=5.0, value=1.0,
                                     tooltip="image guidance on the H&E: 1 = the model as trained, "
                                     ">1 pushes further from the model with the H&E hidden")
-        self.render = CheckBox(text="also render markers as brightfield IHC (DAB)", value=True)
+        self.render = CheckBox(text="also render markers as brightfield IHC (DAB) and score cells",
+                               value=True)
         self.user_mpp = FloatSpinBox(label="slide um/px if unknown", min=0.0, max=100.0, value=0.0,
                                       step=0.01, tooltip="only for files without a pixel size "
                                       "(e.g. plain JPEGs); 0: use the file's")
@@ -86,13 +119,25 @@ class TranslatePanel(QWidget):
         self.run_button, self.cancel_button = self.buttons.run, self.buttons.cancel
         self.status = Label(value="")
         self.form = Container(widgets=[
-            self.source, self.stains, self.region, self.steps, self.seed, self.guidance, self.render,
-            self.user_mpp,
+            self.source, self.stains, self.region, self.klass, self.steps, self.seed, self.guidance,
+            self.render, self.user_mpp,
             self.limit,
             self.side_by_side, self.opacity, self.buttons,
             self.status])
+        self.table = QTableWidget(0, len(TABLE_HEADERS))
+        self.table.setHorizontalHeaderLabels(TABLE_HEADERS)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setToolTip("predicted read-outs over each region's cells (not a measured stain): "
+                              "% of cells at or above the marker's positivity threshold, H-score "
+                              "= 1 x %1+ + 2 x %2+ + 3 x %3+ (bins in resources/stains.json)")
+        self.export_folder = FileEdit(label="scores folder", mode="d")
+        self.export_button = PushButton(text="Export scores (CSV + QuPath GeoJSON)", enabled=False)
+        self.export_form = Container(widgets=[self.export_folder, self.export_button])
+        self.scored: list[ScoredRegion] = []
         layout = QVBoxLayout(self)
         layout.addWidget(self.form.native)
+        layout.addWidget(self.table)
+        layout.addWidget(self.export_form.native)
         layout.addStretch()
 
         self._saved_stains = _settings.load("translate-stains").get("stains", [])
@@ -104,10 +149,14 @@ class TranslatePanel(QWidget):
         self.stains.changed.connect(self._save_stains)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
+        self.export_button.changed.connect(lambda: self.export_scores(self.export_folder.value))
         self.side_by_side.changed.connect(lambda on: arrange(result_layers(self.viewer), on))
         self.opacity.changed.connect(lambda v: set_rgb_opacity(result_layers(self.viewer), v))
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(lambda _e: self.source.reset_choices())
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed,
+                      napari_viewer.layers.selection.events.active):
+            event.connect(lambda _e: self.klass.reset_choices())
         session().changed.connect(self._on_engine)
         if session().current_info is not None:
             self._on_engine(session().current_info)
@@ -117,6 +166,9 @@ class TranslatePanel(QWidget):
     # -- choices ---------------------------------------------------------------------------
     def _slide_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
         return [(layer.name, layer) for layer in self.viewer.layers if is_slide_layer(layer)]
+
+    def _class_choices(self, _widget: Any = None) -> list[str]:
+        return class_names(roi_shapes(self.viewer))
 
     def _on_engine(self, info: EngineInfo) -> None:
         wanted = list(self.stains.value or self._saved_stains)
@@ -129,11 +181,23 @@ class TranslatePanel(QWidget):
         _settings.save("translate-stains", {"stains": self._saved_stains})
 
     # -- work ------------------------------------------------------------------------------
-    def regions(self, slide_layer: Any) -> list[tuple[str, Polygon]]:
+    def regions(self, slide_layer: Any) -> list[Region]:
+        """The regions to translate, named (level-0 outlines, holes, classes)."""
         if self.region.value == FIELD_OF_VIEW:
-            return [("view", view_polygon(self.viewer, slide_layer))]
-        polygons = selected_polygons(roi_shapes(self.viewer), slide_layer)
-        return [(f"ROI {i + 1}", p) for i, p in enumerate(polygons)]
+            return [Region(view_polygon(self.viewer, slide_layer), name="view")]
+        if self.region.value == CLASS:
+            self.klass.reset_choices()
+            if not self.klass.value:
+                raise RegionError("no annotation class to translate: open a QuPath GeoJSON (File > "
+                                  "Open) or give shapes a 'classification' feature, then pick a class")
+            regions = class_regions(roi_shapes(self.viewer), slide_layer, self.klass.value)
+            default = f"{self.klass.value} {{}}"
+        else:
+            regions = selected_regions(roi_shapes(self.viewer), slide_layer)
+            default = "ROI {}"
+        for i, r in enumerate(regions):
+            r.name = r.name or default.format(i + 1)
+        return regions
 
     def _check_size(self, area: float) -> None:
         if area > self.limit.value:
@@ -159,15 +223,16 @@ class TranslatePanel(QWidget):
                 raise RegionError("no slide is open: open a slide (File > Open) with the napari-mupd reader")
             named = self.regions(slide_layer)  # before any calibration: drawn in the layer's units
             mpp = slide_mpp(slide_layer) or self._calibrate(slide_layer)
-            area = sum(area_mm2(p, mpp) for _, p in named)
+            area = sum(area_mm2(r.polygon, mpp) for r in named)
             self._check_size(area)
-            requests = translation_requests(slide_layer, [p for _, p in named], list(self.stains.value),
-                                            self.steps.value, self.seed.value, self.render.value,
-                                            round(self.guidance.value, 2))
+            requests = translation_requests(slide_layer, [r.polygon for r in named],
+                                            list(self.stains.value), self.steps.value,
+                                            self.seed.value, self.render.value,
+                                            round(self.guidance.value, 2), [r.holes for r in named])
         except MuPDError as exc:
             notify_error(exc, "Translate")
             return None
-        names = [n for n, _ in named]
+        names = [r.name for r in named]
 
         def call(progress, cancel) -> list[tuple[str, TranslateResult]]:
             engine = session().engine()
@@ -175,6 +240,7 @@ class TranslatePanel(QWidget):
 
         def done(results: list[tuple[str, TranslateResult]]) -> None:
             add_results(self.viewer, results, self.side_by_side.value)
+            self.show_scores([ScoredRegion(r, res.scores, res.cells) for r, (_, res) in zip(named, results)])
             seconds = sum(r.seconds for _, r in results)
             tiles = sum(r.n_tiles for _, r in results)
             if area > 0 and seconds > 0:
@@ -189,6 +255,29 @@ class TranslatePanel(QWidget):
                                on_finished=lambda: self.buttons.busy(False),
                                on_error=lambda e: setattr(self.status, "value", "failed")).start()
         return self.task
+
+    def show_scores(self, scored: list[ScoredRegion]) -> None:
+        """The table of the latest run's scores (kept for export)."""
+        self.scored = [s for s in scored if s.scores]
+        fill_scores_table(self.table, self.scored)
+        self.export_button.enabled = bool(self.scored)
+
+    def export_scores(self, folder: Any) -> list[Path]:
+        """`scores.csv` and `scores-<marker>.geojson` of the latest run into `folder` (made if
+        missing; existing files are never replaced)."""
+        try:
+            if not self.scored:
+                raise ConditionError("no scores to export: translate a region with a marker, with "
+                                     "'render markers as brightfield IHC' on")
+            if not folder or str(folder) in ("", "."):
+                raise ConditionError("choose a folder for the scores first")
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            written = write_score_files(folder, self.scored)
+        except (MuPDError, OSError) as exc:
+            notify_error(exc, "Export scores")
+            return []
+        show_info(f"scores of {len(self.scored)} region(s) written to {folder}")
+        return written
 
     def _calibrate(self, slide_layer: Any) -> float:
         """Give an uncalibrated slide the user's pixel size: layer scale and metadata alike."""

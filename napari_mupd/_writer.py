@@ -125,22 +125,30 @@ def _check_axis_aligned(meta: dict, path: str) -> None:
 def shapes_to_regions(data: Sequence[np.ndarray], meta: dict, path: str = "GeoJSON") -> list:
     """napari shapes (data coordinates, (.., y, x)) -> `mupd.io.Region`s in level-0 pixel (x, y).
 
-    World (um) = data * scale + translate; level-0 pixels = world / mpp, where mpp is the slide's
-    (layer metadata 'mpp', set by the plugin for ROI layers) or else the layer's own scale, which
-    is what napari gives a shapes layer drawn over the slide.
+    World (um) = data * scale + translate; level-0 pixels = (world - origin) / mpp, where mpp is
+    the slide's (layer metadata 'mpp', set by the plugin for ROI layers) or else the layer's own
+    scale, which is what napari gives a shapes layer drawn over the slide, and origin the slide
+    layer's translate (metadata 'level0_origin_um', set by the GeoJSON reader; else 0). The
+    features `holes` (level-0 rings as JSON) and `id` (QuPath feature) come back as they were read.
     """
+    import json
+
     from mupd.errors import MuPDError
     from mupd.io import Region
 
     _check_axis_aligned(meta, path)
     scale = np.asarray(meta.get("scale", (1.0, 1.0)), dtype=float)[-2:]
+    extra = meta.get("metadata") or {}
     translate = np.asarray(meta.get("translate", (0.0, 0.0)), dtype=float)[-2:]
-    slide_mpp = (meta.get("metadata") or {}).get("mpp")
+    translate = translate - np.asarray(extra.get("level0_origin_um") or (0.0, 0.0), dtype=float)[-2:]
+    slide_mpp = extra.get("mpp")
     mpp_yx = np.asarray(slide_mpp[::-1] if slide_mpp else scale, dtype=float)
     types = list(meta.get("shape_type") or ["polygon"] * len(data))
     features = meta.get("features")
     names = _column(features, "name", len(data))
     classes = _column(features, "classification", len(data))
+    ids = _column(features, "id", len(data))
+    holes = _column(features, "holes", len(data))
     edge = np.asarray(meta.get("edge_color", np.zeros((len(data), 4))), dtype=float).reshape(-1, 4)
     regions = []
     for i, (verts, kind) in enumerate(zip(data, types)):
@@ -151,9 +159,17 @@ def shapes_to_regions(data: Sequence[np.ndarray], meta: dict, path: str = "GeoJS
             raise MuPDError(f"shape {i} of layer {meta.get('name')!r} is a {kind}, not an area; "
                             f"{path} holds area annotations only (polygon, rectangle, ellipse)")
         px = (yx * scale + translate) / mpp_yx
-        color = tuple(int(c) for c in np.rint(edge[i, :3] * 255)) if i < len(edge) else None
+        # a colour belongs to a class in QuPath: unclassified shapes carry none
+        color = tuple(int(c) for c in np.rint(edge[i, :3] * 255)) if i < len(edge) and classes[i] else None
+        try:
+            rings = json.loads(holes[i]) if holes[i] else []
+            rings = [[(float(x), float(y)) for x, y in ring] for ring in rings]
+        except (ValueError, TypeError):
+            raise MuPDError(f"shape {i} of layer {meta.get('name')!r}: its 'holes' feature is not a "
+                            f"JSON list of [x, y] rings: {holes[i]!r}") from None
         regions.append(Region([(float(x), float(y)) for y, x in px], name=names[i],
-                              classification=classes[i], color=color, shape=kind))
+                              classification=classes[i], color=color, shape=kind, holes=rings,
+                              id=ids[i]))
     return regions
 
 

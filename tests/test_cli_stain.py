@@ -32,8 +32,10 @@ def test_box_writes_marker_ihc_and_ome_tiff(cmu, model, tmp_path, capsys):
                  "--out", str(out), "--model", model, "--device", "cpu", "--ome-tiff"])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [
-        "IHC-Ki67.ome.tif", "IHC-Ki67.ome.zarr", "Ki67.ome.tif", "Ki67.ome.zarr"]
-    assert "Ki67" in capsys.readouterr().out
+        "IHC-Ki67.ome.tif", "IHC-Ki67.ome.zarr", "Ki67.ome.tif", "Ki67.ome.zarr", "scores-Ki67.geojson",
+        "scores.csv"]
+    printed = capsys.readouterr().out
+    assert "Ki67" in printed and "predicted Ki67:" in printed and "H-score" in printed
     marker = open_slide(out / "Ki67.ome.tif")
     assert marker.channel_names == ["Ki67"] and marker.mpp == pytest.approx((1.0, 1.0))
     assert marker.dimensions == (150, 130)  # 300 x 260 px at 0.499 -> 1.0 um/px
@@ -54,6 +56,42 @@ def test_geojson_regions_each_get_a_folder(cmu, model, tmp_path):
     boxes = [dict(zarr.open_group(str(out / r / "HER2.ome.zarr"), mode="r").attrs)["mupd"]
              ["source_box_level0_xywh"] for r in ("region-000", "region-001")]
     assert boxes == [[600, 700, 200, 150], [1200, 1500, 180, 200]]
+
+
+def test_qupath_annotations_are_translated_and_scored_together(cmu, model, tmp_path, capsys):
+    """QuPath's own layout in: a polygon with a hole, a two-part MultiPolygon, an ellipse, an
+    unclassified polygon (and a cell detection, skipped); scores of all of them out, under their
+    names and classes, beside the per-region folders."""
+    from pathlib import Path
+
+    from mupd.io import read_geojson
+
+    qupath = Path(__file__).parent / "data" / "qupath_annotations.geojson"
+    out = tmp_path / "out"
+    assert main(["stain", cmu, "--stains", "Ki67", "--geojson", str(qupath), "--out", str(out),
+                 "--model", model, "--device", "cpu"]) == 0, capsys.readouterr().err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"region-{i:03d}" for i in range(5)] + ["scores-Ki67.geojson", "scores.csv"]
+    rows = (out / "scores.csv").read_text().splitlines()
+    assert rows[0].startswith("region,marker,cells,predicted mean level,predicted positive %")
+    assert [r.split(",")[0] for r in rows[1:]] == ["Tumour core", "Stroma", "Stroma", "Tumour margin",
+                                                   "region-004"]
+    back = read_geojson(out / "scores-Ki67.geojson")
+    assert [(r.name, r.classification) for r in back] == [
+        ("Tumour core", "Tumor"), ("Stroma", "Stroma"), ("Stroma", "Stroma"),
+        ("Tumour margin", "Tumor"), ("region-004", None)]
+    assert len(back[0].holes) == 1 and back[3].shape == "ellipse"
+    assert all("Predicted Ki67: H-score" in r.measurements for r in back if
+               r.measurements["Predicted Ki67: Num Detections"] > 0)
+    cells = read_geojson(out / "scores-Ki67.geojson", object_types=("detection",))
+    assert len(cells) == sum(r.measurements["Predicted Ki67: Num Detections"] for r in back)
+    # the hole's tiles and cells are out: no cell centre of the core lies in it
+    hole = back[0].holes[0]
+    core = read_geojson(out / "region-000" / "scores-Ki67.geojson", object_types=("detection",))
+    xs = [np.mean([p[0] for p in c.polygon]) for c in core]
+    ys = [np.mean([p[1] for p in c.polygon]) for c in core]
+    assert core and not any(hole[0][0] + 5 < x < hole[1][0] - 5 and hole[0][1] + 5 < y < hole[2][1] - 5
+                            for x, y in zip(xs, ys))
 
 
 def test_whole_small_slide_with_given_mpp(shared_data, model, tmp_path):

@@ -83,3 +83,62 @@ def test_bad_region_refused_before_writing(tmp_path):
     with pytest.raises(GeoJSONError, match="at least 3"):
         write_geojson(tmp_path / "x.geojson", [Region([(0, 0), (1, 1)], name="line")])
     assert not (tmp_path / "x.geojson").exists()
+
+
+# -- QuPath's own export layout (tests/data/qupath_annotations.geojson, written by hand after
+# QuPath 0.4+: FeatureCollection, objectType, classification name + color, ids, a hole, a
+# MultiPolygon, an ellipse as a polygon flagged isEllipse in its geometry, a cell detection) --
+QUPATH = __import__("pathlib").Path(__file__).parent / "data" / "qupath_annotations.geojson"
+
+
+def test_reads_qupath_export_layout():
+    regions = read_geojson(QUPATH)
+    assert [(r.name, r.classification, r.color, r.shape) for r in regions] == [
+        ("Tumour core", "Tumor", (200, 0, 0), "polygon"),
+        ("Stroma", "Stroma", (150, 200, 150), "polygon"), ("Stroma", "Stroma", (150, 200, 150), "polygon"),
+        ("Tumour margin", "Tumor", (200, 0, 0), "ellipse"), (None, None, None, "polygon")]
+    core, part1, part2, margin, _ = regions
+    assert core.polygon[0] == (800.0, 1400.0) and len(core.polygon) == 5
+    assert core.holes == [[(950.0, 1550.0), (1050.0, 1550.0), (1050.0, 1650.0), (950.0, 1650.0)]]
+    assert part1.id == part2.id == "7e41d0c9-2a5b-4c8e-b1f6-03d9a7e2c402" and len(part2.polygon) == 3
+    assert len(margin.polygon) == 48
+    # the cell detection is not a region unless asked for
+    (cell,) = read_geojson(QUPATH, object_types=("detection",))
+    assert cell.object_type == "detection" and cell.measurements == {"Nucleus: DAB OD mean": 0.42}
+    assert len(read_geojson(QUPATH, object_types=None)) == 6
+
+
+def test_a_bare_feature_array_reads_like_a_collection(tmp_path):
+    doc = json.loads(QUPATH.read_text())
+    bare = tmp_path / "array.geojson"
+    bare.write_text(json.dumps(doc["features"]))  # QuPath's export without FEATURE_COLLECTION
+    assert read_geojson(bare) == read_geojson(QUPATH)
+
+
+def test_qupath_layout_round_trips_polygons_holes_parts_and_ellipses(tmp_path):
+    regions = read_geojson(QUPATH)
+    back_path = write_geojson(tmp_path / "back.geojson", regions)
+    assert read_geojson(back_path) == regions
+    doc = json.loads(back_path.read_text())
+    kinds = [f["geometry"]["type"] for f in doc["features"]]
+    assert kinds == ["Polygon", "MultiPolygon", "Polygon", "Polygon"]  # the two parts rejoined
+    assert len(doc["features"][0]["geometry"]["coordinates"]) == 2  # outline + hole
+    assert doc["features"][2]["geometry"].get("isEllipse") is True
+    assert doc["features"][1]["id"] == "7e41d0c9-2a5b-4c8e-b1f6-03d9a7e2c402"
+
+
+def test_older_qupath_classification_and_measurement_layouts(tmp_path):
+    """QuPath 0.2/0.3: classification colour packed as colorRGB, measurements as name/value pairs;
+    0.4+: a derived class as 'names'."""
+    p = tmp_path / "old.geojson"
+    square = [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]
+    p.write_text(json.dumps([
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square},
+         "properties": {"object_type": "annotation", "classification": {"name": "Tumor", "colorRGB": -3670016},
+                        "measurements": [{"name": "Area", "value": 100.0}]}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square},
+         "properties": {"objectType": "annotation", "classification": {"names": ["Tumor", "Positive"],
+                                                                      "color": [250, 62, 62]}}}]))
+    old, derived = read_geojson(p)
+    assert (old.classification, old.color, old.measurements) == ("Tumor", (200, 0, 0), {"Area": 100.0})
+    assert derived.classification == "Tumor: Positive"

@@ -186,6 +186,56 @@ def test_translate_panel_refuses_bad_regions_with_clear_messages(make_napari_vie
     assert "larger than the 0.1 mm² limit" in errors[-1] and "estimated" in errors[-1], errors[-1]
 
 
+def test_translate_panel_runs_a_qupath_class_and_tables_and_exports_its_scores(
+        make_napari_viewer, qtbot, slide_path, local_engine, errors, tmp_path):
+    """Every 'Tumor' annotation of a QuPath GeoJSON (a polygon with a hole, an ellipse) is
+    translated; the panel's table shows each region's predicted scores, as the engine returned
+    them, and exports them as the CSV + QuPath GeoJSON the CLI writes."""
+    import csv
+
+    from napari_mupd._translate_panel import CLASS, TABLE_HEADERS
+
+    viewer = make_napari_viewer(show=True)
+    open_slide(viewer, slide_path)
+    viewer.open(str(Path(__file__).parent / "data" / "qupath_annotations.geojson"), plugin="napari-mupd")
+    panel = translate_panel(viewer, ["Ki67"])
+    assert panel.klass.choices == ("Stroma", "Tumor")
+    panel.region.value, panel.klass.value = CLASS, "Tumor"
+    task = panel.run()
+    assert task is not None, errors
+    wait_task(qtbot, task)
+    assert not errors and task.error is None
+    results = {l.name for l in viewer.layers if l.metadata.get("mupd_result")}
+    assert results == {"Ki67 [Tumour core]", "IHC-Ki67 [Tumour core]", "Ki67 [Tumour margin]",
+                       "IHC-Ki67 [Tumour margin]"}
+    core, margin = panel.scored
+    assert core.region.holes == [[(950.0, 1550.0), (1050.0, 1550.0), (1050.0, 1650.0), (950.0, 1650.0)]]
+    assert core.region.classification == "Tumor" and core.cells is not None
+    # the table: one row per region and marker, the engine's numbers, "predicted" in the headers
+    table = panel.table
+    headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+    assert headers == TABLE_HEADERS and "predicted H-score" in headers
+    assert table.rowCount() == 2
+    col = {h: headers.index(h) for h in headers}
+    for row, item in enumerate((core, margin)):
+        (score,) = item.scores
+        assert score.n_cells > 0, "no cell found in a tissue region"
+        assert table.item(row, col["region"]).text() == item.region.name
+        assert table.item(row, col["cells"]).text() == str(score.n_cells)
+        assert float(table.item(row, col["predicted H-score"]).text()) == pytest.approx(score.h_score, abs=0.05)
+        assert float(table.item(row, col["predicted positive %"]).text()) == pytest.approx(
+            score.percent_positive, abs=0.05)
+    assert panel.export_button.enabled
+    written = panel.export_scores(tmp_path / "scores")
+    assert sorted(p.name for p in written) == ["scores-Ki67.geojson", "scores.csv"]
+    with open(tmp_path / "scores" / "scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["region"], int(r["cells"])) for r in rows] == [
+        ("Tumour core", core.scores[0].n_cells), ("Tumour margin", margin.scores[0].n_cells)]
+    assert panel.export_scores(tmp_path / "scores") == []  # never replaces the files
+    assert "already exists" in errors[-1]
+
+
 def test_translate_panel_values_persist(make_napari_viewer, errors):
     from napari_mupd._translate_panel import TranslatePanel
 

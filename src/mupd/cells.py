@@ -10,7 +10,8 @@ goes to the nearest nucleus within `expand_um`, never into another cell, never o
 
 Every length is in micrometres and converted with the image's mpp, so the same settings hold
 at any magnification. `CellSegmentation` is what per-cell read-outs need: the label images,
-a cell's mean of any map (`mean`) and its compartments (`cytoplasm`, `membrane`).
+a cell's mean of any map (`mean`), its compartments (`cytoplasm`, `membrane`) and its geometry
+(`centroids`, `areas_um2`, `outlines`) for per-cell read-outs (`mupd.scores`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
+from skimage.measure import find_contours
 from skimage.segmentation import expand_labels, watershed
 
 from .errors import ConditionError
@@ -75,6 +77,21 @@ class CellSegmentation:
     def mean(self, values: np.ndarray, labels: Optional[np.ndarray] = None) -> np.ndarray:
         """Per-cell mean of `values` over `labels` (default the cells): index i is cell i (0: none)."""
         return label_means(self.cells if labels is None else labels, values, self.n_cells)
+
+    def centroids(self) -> np.ndarray:
+        """(n + 1, 2) (row, col) centre of each cell in pixel coordinates (row 0: none)."""
+        rows, cols = np.indices(self.cells.shape, dtype=np.float64)
+        return np.stack([label_means(self.cells, rows, self.n_cells),
+                         label_means(self.cells, cols, self.n_cells)], axis=1)
+
+    def areas_um2(self) -> np.ndarray:
+        """(n + 1,) area of each cell in um^2 (index 0: none)."""
+        return np.bincount(self.cells.ravel(), minlength=self.n_cells + 1) * self.mpp * self.mpp
+
+    def outlines(self, ids: np.ndarray, tolerance_px: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+        """Outlines of cells `ids`: ((K, 2) (row, col) vertices, (len(ids) + 1,) offsets), cell
+        k's ring being vertices[offsets[k]:offsets[k + 1]] (open, on the pixel edges)."""
+        return cell_outlines(self.cells, ids, tolerance_px)
 
 
 def segment_cells(rgb: np.ndarray, mpp: float, *, expand_um: float = EXPAND_UM,
@@ -168,6 +185,37 @@ def label_means(labels: np.ndarray, values: np.ndarray, n: Optional[int] = None)
     counts = np.bincount(flat, minlength=n + 1)[: n + 1]
     sums = np.bincount(flat, weights=np.asarray(values, dtype=np.float64).ravel(), minlength=n + 1)[: n + 1]
     return np.divide(sums, counts, out=np.zeros(n + 1), where=counts > 0)
+
+
+def cell_outlines(labels: np.ndarray, ids: np.ndarray,
+                  tolerance_px: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """`CellSegmentation.outlines` for any label image: the marching-squares contour of each
+    label's mask (its longest, should a label come in pieces), simplified by `tolerance_px`
+    (shapely, Douglas-Peucker, in one vectorised call)."""
+    import shapely
+
+    ids = np.asarray(ids, dtype=np.int64)
+    boxes = ndi.find_objects(labels, max_label=int(ids.max(initial=0)))
+    rings = []
+    for i in ids:
+        box = boxes[i - 1] if 0 < i <= len(boxes) else None
+        if box is None:
+            raise ConditionError(f"cell {i} is not in the label image")
+        mask = np.pad(labels[box] == i, 1).astype(np.float32)
+        ring = max(find_contours(mask, 0.5), key=len)
+        rings.append(ring + (box[0].start - 1, box[1].start - 1))
+    if not rings:
+        return np.zeros((0, 2)), np.zeros(1, dtype=np.int64)
+    lengths = [len(r) for r in rings]
+    polygons = shapely.polygons(shapely.linearrings(np.concatenate(rings),
+                                                    indices=np.repeat(np.arange(len(rings)), lengths)))
+    coords, index = shapely.get_coordinates(shapely.simplify(polygons, tolerance_px), return_index=True)
+    # drop each ring's closing vertex (shapely repeats the first)
+    ends = np.flatnonzero(np.r_[index[1:] != index[:-1], True])
+    keep = np.ones(len(coords), bool)
+    keep[ends] = False
+    counts = np.bincount(index[keep], minlength=len(rings))
+    return coords[keep], np.r_[0, np.cumsum(counts)].astype(np.int64)
 
 
 def membrane_ring(cells: np.ndarray, width: int, exclude: Optional[np.ndarray] = None) -> np.ndarray:

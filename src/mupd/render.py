@@ -12,21 +12,25 @@ goes into the marker's compartment (nuclear: the nucleus; membranous: a thin rin
 boundary; cytoplasmic: the cell minus its nucleus) at an optical density proportional to that
 level, uniform within the cell; cells below the marker's positivity threshold get almost none,
 so negative nuclei stay blue. Large images are rendered in windows with a margin (bounded
-memory, and the same cells as one pass). `render_dab_ihc` is the earlier per-pixel wash (DAB at
+memory, and the same cells as one pass). `render_ihc_cells` renders several markers over one
+segmentation and returns the cells with each marker's level, what `mupd.scores` reads out.
+`render_dab_ihc` is the earlier per-pixel wash (DAB at
 the predicted level on every pixel), kept for markers of unknown ("diffuse") localisation.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.color import hed2rgb, rgb2hed
 
-from .cells import segment_cells_hed
+from .cells import CellSegmentation, segment_cells_hed
 from .errors import ConditionError
+from .scores import CellReadout
 
 #: DAB density (skimage HED units) at marker intensity 1: the 99th percentile of DAB in
 #: scikit-image's real IHC image (FHL2, colon), i.e. strong staining.
@@ -70,6 +74,17 @@ def render_dab_ihc(he: np.ndarray, marker: np.ndarray, dab_max: float = DAB_MAX)
     return out
 
 
+@dataclass
+class MarkerMap:
+    """One predicted marker to render: its (H, W) map in [0, 1] (any array that slices to numpy),
+    the compartment its stain sits in and its positivity threshold."""
+
+    name: str
+    values: Any
+    compartment: str = "nuclear"
+    threshold: float = 0.3
+
+
 def render_ihc(he: Any, marker: Any, mpp: float, compartment: str = "nuclear",
                threshold: float = 0.3, dab_max: float = DAB_MAX,
                counterstain: float = COUNTERSTAIN, out: Optional[Any] = None,
@@ -82,59 +97,98 @@ def render_ihc(he: Any, marker: Any, mpp: float, compartment: str = "nuclear",
     per-pixel wash of `render_dab_ihc`. `counterstain` scales the source's hematoxylin (1: as
     in the H&E).
     """
+    outs, _ = render_ihc_cells(he, [MarkerMap("marker", marker, compartment, threshold)], mpp,
+                               None if out is None else [out], dab_max=dab_max,
+                               counterstain=counterstain, window=window, cells=False)
+    return outs[0]
+
+
+def render_ihc_cells(he: Any, markers: Sequence[MarkerMap], mpp: float,
+                     outs: Optional[Sequence[Any]] = None, dab_max: float = DAB_MAX,
+                     counterstain: float = COUNTERSTAIN, window: int = WINDOW_PX,
+                     cells: bool = True,
+                     keep: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                     ) -> tuple[list[Any], Optional[CellReadout]]:
+    """`render_ihc` of several markers over one H&E, the cells segmented once per window for
+    all of them, and (with `cells`) the cells themselves with each marker's level: the
+    `CellReadout` the scores are computed from (`mupd.scores`), in this image's pixel-edge
+    (x, y) coordinates. A cell belongs to the window its centre falls in, so a cell on a
+    window seam is counted once; `keep` ((N, 2) centres -> (N,) bool) drops cells before
+    their outlines are traced (e.g. those outside a region's polygon)."""
     shape = tuple(he.shape)
-    if len(shape) != 3 or shape[2] != 3 or tuple(marker.shape) != shape[:2]:
-        raise ConditionError(f"cannot render DAB: H&E {shape} and marker map {tuple(marker.shape)} "
-                             f"must be (H, W, 3) and (H, W)")
-    if compartment != "diffuse" and compartment not in SPILL:
-        raise ConditionError(f"cannot render DAB in compartment {compartment!r}; known: "
-                             f"{', '.join((*SPILL, 'diffuse'))}")
+    for m in markers:
+        if len(shape) != 3 or shape[2] != 3 or tuple(m.values.shape) != shape[:2]:
+            raise ConditionError(f"cannot render DAB: H&E {shape} and marker map {tuple(m.values.shape)} "
+                                 f"must be (H, W, 3) and (H, W)")
+        if m.compartment != "diffuse" and m.compartment not in SPILL:
+            raise ConditionError(f"cannot render DAB in compartment {m.compartment!r}; known: "
+                                 f"{', '.join((*SPILL, 'diffuse'))}")
     H, W = shape[:2]
-    if out is None:
-        out = np.empty((H, W, 3), dtype=np.uint8)
+    outs = list(outs) if outs is not None else [np.empty((H, W, 3), dtype=np.uint8) for _ in markers]
+    segment = cells or any(m.compartment != "diffuse" for m in markers)
     margin = int(math.ceil(MARGIN_UM / mpp)) if H > window or W > window else 0
+    parts = []
     for y0 in range(0, H, window):
         for x0 in range(0, W, window):
             y1, x1 = min(y0 + window, H), min(x0 + window, W)
             ya, xa = max(y0 - margin, 0), max(x0 - margin, 0)
             yb, xb = min(y1 + margin, H), min(x1 + margin, W)
-            he_w = np.asarray(he[ya:yb, xa:xb])
-            marker_w = np.asarray(marker[ya:yb, xa:xb], dtype=np.float32)
-            rgb = _render_window(he_w, marker_w, mpp, compartment, threshold, dab_max, counterstain)
-            out[y0:y1, x0:x1] = rgb[y0 - ya : y1 - ya, x0 - xa : x1 - xa]
-    return out
+            hed = rgb2hed(np.asarray(he[ya:yb, xa:xb])[..., :3]).astype(np.float32)
+            seg = segment_cells_hed(hed, mpp) if segment else None
+            weights: dict[str, np.ndarray] = {}
+            levels = {}
+            for m, out in zip(markers, outs):
+                values = np.clip(np.nan_to_num(np.asarray(m.values[ya:yb, xa:xb], dtype=np.float32)), 0, 1)
+                if seg is not None:
+                    levels[m.name] = seg.mean(values)
+                if m.compartment == "diffuse":
+                    dab = values * dab_max
+                else:
+                    if m.compartment not in weights:
+                        weights[m.compartment] = compartment_weight(seg, m.compartment)
+                    dab = cell_dab(seg, levels[m.name], weights[m.compartment], m.threshold, dab_max)
+                rgb = _compose(np.stack([hed[..., 0] * counterstain, np.zeros_like(dab), dab], axis=-1))
+                out[y0:y1, x0:x1] = rgb[y0 - ya : y1 - ya, x0 - xa : x1 - xa]
+            if cells:
+                parts.append(_window_cells(seg, levels, (ya, xa), (y0, y1, x0, x1), keep))
+    return outs, (CellReadout.concat(parts) if cells else None)
 
 
-def _render_window(he: np.ndarray, marker: np.ndarray, mpp: float, compartment: str,
-                   threshold: float, dab_max: float, counterstain: float) -> np.ndarray:
-    hed = rgb2hed(he[..., :3]).astype(np.float32)
-    marker = np.clip(np.nan_to_num(marker), 0.0, 1.0)
-    if compartment == "diffuse":
-        dab = marker * dab_max
-    else:
-        dab = cell_dab(hed, marker, mpp, compartment, threshold, dab_max)
-    hed[..., 0] *= counterstain
-    hed[..., 1] = 0.0
-    hed[..., 2] = dab
-    return _compose(hed)
+def _window_cells(seg: CellSegmentation, levels: dict[str, np.ndarray], corner: tuple[int, int],
+                  core: tuple[int, int, int, int],
+                  keep: Optional[Callable[[np.ndarray], np.ndarray]]) -> CellReadout:
+    """The cells of one window whose centre lies in its core (image pixel-edge coordinates)."""
+    (ya, xa), (y0, y1, x0, x1) = corner, core
+    centre = seg.centroids()[1:]  # window (row, col) pixel centres
+    xy = centre[:, ::-1] + (xa + 0.5, ya + 0.5)  # image pixel-edge (x, y)
+    inside = (xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)
+    if keep is not None and inside.any():
+        inside[inside] = keep(xy[inside])
+    ids = np.flatnonzero(inside) + 1
+    rc, offsets = seg.outlines(ids)
+    return CellReadout(xy[ids - 1], seg.areas_um2()[ids].astype(np.float32),
+                       (rc[:, ::-1] + (xa + 0.5, ya + 0.5)).astype(np.float32), offsets,
+                       {name: level[ids].astype(np.float32) for name, level in levels.items()})
 
 
-def cell_dab(hed: np.ndarray, marker: np.ndarray, mpp: float, compartment: str,
-             threshold: float, dab_max: float = DAB_MAX) -> np.ndarray:
-    """(H, W) DAB optical density laid by cell: each cell's mean predicted level, in its
-    compartment (`SPILL`), faint below `threshold`; no DAB outside cells."""
-    seg = segment_cells_hed(hed, mpp)
-    level = seg.mean(marker)
-    od = (dab_max * level * np.where(level >= threshold, 1.0, NEGATIVE_FRACTION)).astype(np.float32)
-    od[0] = 0.0
+def compartment_weight(seg: CellSegmentation, compartment: str) -> np.ndarray:
+    """(H, W) share of a cell's DAB each pixel takes in `compartment` (`SPILL`)."""
     spill = SPILL[compartment]
     weight = np.where(seg.nuclei > 0, spill["nucleus"], spill["cytoplasm"]).astype(np.float32)
     if spill["membrane"] != spill["cytoplasm"]:
-        ring = seg.membrane(MEMBRANE_UM) > 0
-        weight[ring] = spill["membrane"]
+        weight[seg.membrane(MEMBRANE_UM) > 0] = spill["membrane"]
+    return weight
+
+
+def cell_dab(seg: CellSegmentation, level: np.ndarray, weight: np.ndarray, threshold: float,
+             dab_max: float = DAB_MAX) -> np.ndarray:
+    """(H, W) DAB optical density laid by cell: each cell's `level` (its mean predicted
+    intensity), spread by the compartment `weight`, faint below `threshold`; none outside cells."""
+    od = (dab_max * level * np.where(level >= threshold, 1.0, NEGATIVE_FRACTION)).astype(np.float32)
+    od[0] = 0.0
     dab = od[seg.cells] * weight
     if EDGE_UM > 0:  # the optics' blur: stained edges a fraction of a micrometre soft
-        dab = ndi.gaussian_filter(dab, sigma=EDGE_UM / mpp, truncate=3.0)
+        dab = ndi.gaussian_filter(dab, sigma=EDGE_UM / seg.mpp, truncate=3.0)
     return dab
 
 

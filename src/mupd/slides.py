@@ -22,7 +22,8 @@ import numpy as np
 from .errors import RegionError, SlideError
 from .io.resample import resample_window, source_window
 from .progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
-from .render import render_ihc
+from .render import MarkerMap, render_ihc_cells
+from .scores import CellReadout, MarkerScore
 
 #: Regions with more output pixels than this accumulate on disk instead of in memory.
 IN_MEMORY_LIMIT_PX = 4096 * 4096
@@ -53,6 +54,23 @@ class RegionTranslation:
     seconds: float
     #: Disk-backed sums the (lazy) layers still read; None when the layers are in memory.
     workdir: Optional[Path] = None
+    #: The region's outline and holes (level-0 (x, y)); None: the box.
+    polygon: Optional[list[tuple[float, float]]] = None
+    holes: list[list[tuple[float, float]]] = field(default_factory=list)
+    #: Per-marker read-outs over the region's cells (`mupd.scores`), and the cells; only when
+    #: marker maps were rendered as IHC (the cells are the renderer's).
+    scores: list[MarkerScore] = field(default_factory=list)
+    cells: Optional[CellReadout] = None
+
+    def annotation(self, name: Optional[str] = None) -> Any:
+        """The region as a QuPath annotation (`mupd.io.Region`)."""
+        from .io.geojson import Region
+
+        x, y, w, h = self.box
+        outline = self.polygon or [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
+        return Region([tuple(map(float, p)) for p in outline], name=name,
+                      shape="polygon" if self.polygon else "rectangle",
+                      holes=[[tuple(map(float, p)) for p in hole] for hole in self.holes])
 
     def load(self) -> "RegionTranslation":
         """Bring every layer into memory and drop the disk-backed sums (a no-op in memory)."""
@@ -291,8 +309,19 @@ class RegionPlan:
     out_shape: tuple[int, int]
     batches: list[list[tuple[int, int]]]  # tile origins (output pixels), in batch_size groups
     outside: frozenset = frozenset()  # origins of tiles that miss the ROI polygon (not run)
+    polygon: Optional[tuple[tuple[float, float], ...]] = None  # level-0 outline; None: the box
+    holes: tuple[tuple[tuple[float, float], ...], ...] = ()  # rings cut out of the polygon
     #: fitted once on a preview of the whole region, applied to every tile (mupd.stain_norm)
     stain_norm: Optional[Any] = None
+
+    def region_shape(self) -> Any:
+        """The region as a shapely geometry in level-0 pixels (holes cut out)."""
+        from shapely.geometry import Polygon, box
+
+        if self.polygon is None:
+            x, y, w, h = self.box
+            return box(x, y, x + w, y + h)
+        return Polygon(self.polygon, list(self.holes)).buffer(0)
 
     @property
     def n_tiles(self) -> int:
@@ -346,6 +375,7 @@ class RegionTranslator:
         seed: int = 0,
         render_brightfield: bool = True,
         workdir: Optional[Path] = None,
+        holes: Sequence[Sequence[tuple[float, float]]] = (),
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
         stain_norm: Optional[str] = None,
@@ -358,7 +388,7 @@ class RegionTranslator:
             from .pipeline import check_image_to_image
 
             check_image_to_image([self.pipeline.catalogue.get(s) for s in stains], strength)
-        plan = self.plan(slide, stains, box=box, polygon=polygon, stain_norm=stain_norm,
+        plan = self.plan(slide, stains, box=box, polygon=polygon, holes=holes, stain_norm=stain_norm,
                          stain_reference=stain_reference)
         sums = self.new_sums(plan, render_brightfield, workdir)
         try:
@@ -373,10 +403,13 @@ class RegionTranslator:
     def plan(self, slide: Any, stains: Sequence[str],
              box: Optional[tuple[int, int, int, int]] = None,
              polygon: Optional[Sequence[tuple[float, float]]] = None,
+             holes: Sequence[Sequence[tuple[float, float]]] = (),
              stain_norm: Optional[str] = None,
              stain_reference: Optional[str | Path] = None) -> RegionPlan:
-        """`stain_norm` (macenko / reinhard): the region's stain, estimated once on a preview of
-        it, is mapped onto `stain_reference` (default: the training data's) in every tile."""
+        """Tiles, output grid and placement of a region: a box, or a polygon (its bounding box;
+        tiles that miss it, or lie in one of its `holes`, are not run). `stain_norm` (macenko /
+        reinhard): the region's stain, estimated once on a preview of it, is mapped onto
+        `stain_reference` (default: the training data's) in every tile."""
         from .stain_norm import check_method, fit_normalization
 
         stain_norm = check_method(stain_norm)
@@ -387,6 +420,11 @@ class RegionTranslator:
             raise SlideError(
                 f"{slide.path}: the slide has no microns-per-pixel value; give one (e.g. --mpp 0.5)"
             )
+        if holes and polygon is None:
+            raise RegionError("holes need the polygon they are cut out of")
+        for k, hole in enumerate(holes):
+            if len(hole) < 3:
+                raise RegionError(f"hole {k} of the region needs at least 3 (x, y) points, got {len(hole)}")
         if polygon is not None:
             box = box_from_polygon(polygon)
         if box is None:
@@ -404,8 +442,11 @@ class RegionTranslator:
         T = self.pipeline.tile_size
         origins = TileGrid(out_h, out_w, T, self.overlap, self.step).origins()
         outside: frozenset = frozenset()
+        ring = holes_ = None
         if polygon is not None:
-            outside = _tiles_outside(polygon, origins, T, x0, y0, factor)
+            ring = tuple((float(px), float(py)) for px, py in polygon)
+            holes_ = tuple(tuple((float(px), float(py)) for px, py in h) for h in holes)
+            outside = _tiles_outside(ring, holes_, origins, T, x0, y0, factor)
         normalization = None
         if stain_norm is not None:
             f = max(factor, max(w, h) / PREVIEW_SIDE)
@@ -416,7 +457,7 @@ class RegionTranslator:
             slide_path=str(slide.path), slide_mpp=tuple(slide.mpp), targets=targets, box=box,
             factor=factor, out_mpp=out_mpp, out_shape=(out_h, out_w),
             batches=list(_batched(origins, self.batch_size)), outside=outside,
-            stain_norm=normalization,
+            polygon=ring, holes=holes_ or (), stain_norm=normalization,
         )
 
     def new_sums(self, plan: RegionPlan, render_brightfield: bool,
@@ -506,8 +547,9 @@ class RegionTranslator:
     def finish(self, plan: RegionPlan, sums: RegionSums, start: float) -> RegionTranslation:
         """Normalise the (complete) sums into output layers placed over the slide."""
         layers = self._layers(plan.targets, sums.outputs, sums.weight, sums.on_disk, plan.stain_norm)
+        scores, cells = [], None
         if sums.source is not None:
-            layers = self._with_ihc(plan, layers, sums)
+            layers, scores, cells = self._with_ihc(plan, layers, sums)
         if not sums.on_disk:
             shutil.rmtree(sums.workdir, ignore_errors=True)
         scale, translate = placement(plan.box, plan.slide_mpp, plan.out_mpp)
@@ -515,6 +557,8 @@ class RegionTranslator:
             layers=layers, box=plan.box, output_mpp=plan.out_mpp, scale_um=scale,
             translate_um=translate, n_tiles=plan.n_tiles, n_skipped=sums.n_skipped,
             seconds=time.perf_counter() - start, workdir=sums.workdir if sums.on_disk else None,
+            polygon=list(plan.polygon) if plan.polygon is not None else None,
+            holes=[list(h) for h in plan.holes], scores=scores, cells=cells,
         )
 
     def _tissue_mask(self, tiles: np.ndarray) -> np.ndarray:
@@ -545,43 +589,66 @@ class RegionTranslator:
             layers.append(OutputLayer(name, target.kind, data, getattr(target, "colormap", "gray") or "gray", meta))
         return layers
 
-    def _with_ihc(self, plan: RegionPlan, layers: list[OutputLayer],
-                  sums: RegionSums) -> list[OutputLayer]:
-        """Each marker layer followed by its rendering as DAB IHC on the blended source H&E:
-        cells segmented once over the region (in windows for a large one), so overlapping tiles
-        cannot disagree about them. On disk the rendering is written beside the sums."""
+    def _with_ihc(self, plan: RegionPlan, layers: list[OutputLayer], sums: RegionSums
+                  ) -> tuple[list[OutputLayer], list[MarkerScore], CellReadout]:
+        """Each marker layer followed by its rendering as DAB IHC on the blended source H&E,
+        and the read-out of every marker over the region's cells (`mupd.scores`): cells
+        segmented once over the region (in windows for a large one) for all markers, so
+        overlapping tiles cannot disagree about them and the scores are the rendering's own
+        cell levels. On disk the renderings are written beside the sums."""
         from .models.catalogue import compartment_of, threshold_of
+        from .scores import score_cells
 
         by_name = {t.name: t for t in plan.targets}
+        markers = [by_name[l.name] for l in layers
+                   if l.name in by_name and by_name[l.name].kind == "marker"]
         source = _Normalised(sums.source.sum, sums.weight.sum)
-        out = []
-        for layer in layers:
-            out.append(layer)
-            target = by_name.get(layer.name)
-            if target is None or target.kind != "marker":
-                continue
-            name = f"IHC-{target.name}"
-            compartment, threshold = compartment_of(target), threshold_of(target)
+        maps, outs = [], []
+        data = {l.name: l.data for l in layers}
+        for target in markers:
             if sums.on_disk:
-                import dask.array as da
                 import zarr
 
                 chunk = sums.weight.sum.chunks[0]
-                store = zarr.create_array(sums.workdir / f"{name}.zarr", shape=plan.out_shape + (3,),
-                                          chunks=(chunk, chunk, 3), dtype="u1", fill_value=255)
-                render_ihc(source, _Normalised(sums.outputs[target.name].sum, sums.weight.sum),
-                           plan.out_mpp, compartment, threshold, out=store)
-                data = da.from_zarr(store)
+                outs.append(zarr.create_array(sums.workdir / f"IHC-{target.name}.zarr",
+                                              shape=plan.out_shape + (3,), chunks=(chunk, chunk, 3),
+                                              dtype="u1", fill_value=255))
+                values = _Normalised(sums.outputs[target.name].sum, sums.weight.sum)
             else:
-                data = render_ihc(source[:, :], layer.data, plan.out_mpp, compartment, threshold)
-            meta = {"target": name, "model_mpp": float(self.pipeline.mpp),
+                outs.append(np.empty(plan.out_shape + (3,), dtype=np.uint8))
+                values = data[target.name]
+            maps.append(MarkerMap(target.name, values, compartment_of(target), threshold_of(target)))
+        region = plan.region_shape()
+        x0, y0 = plan.box[0], plan.box[1]
+
+        def in_region(xy: np.ndarray) -> np.ndarray:  # image pixel-edge (x, y) -> level 0
+            import shapely
+
+            return shapely.contains_xy(region, x0 + xy[:, 0] * plan.factor, y0 + xy[:, 1] * plan.factor)
+
+        rendered, cells = render_ihc_cells(source if sums.on_disk else source[:, :], maps,
+                                           plan.out_mpp, outs,
+                                           keep=in_region if plan.polygon is not None else None)
+        cells = cells.placed(plan.factor, (x0, y0))
+        renderings = {m.name: (m, data) for m, data in zip(maps, rendered)}
+        out = []
+        for layer in layers:
+            out.append(layer)
+            if layer.name not in renderings:
+                continue
+            m, data = renderings[layer.name]
+            if sums.on_disk:
+                import dask.array as da
+
+                data = da.from_zarr(data)
+            meta = {"target": f"IHC-{m.name}", "model_mpp": float(self.pipeline.mpp),
                     "rendered_from": (
-                        f"predicted {target.name} intensity, rendered as DAB on the source "
+                        f"predicted {m.name} intensity, rendered as DAB on the source "
                         "hematoxylin (Beer-Lambert); not a measured stain"),
-                    "rendering": {"compartment": compartment, "positivity_threshold": threshold,
+                    "rendering": {"compartment": m.compartment, "positivity_threshold": m.threshold,
                                   "cells": "nuclei and cells segmented in the source H&E (mupd.cells)"}}
-            out.append(OutputLayer(name, "rgb", data, "gray", meta))
-        return out
+            out.append(OutputLayer(f"IHC-{m.name}", "rgb", data, "gray", meta))
+        return out, score_cells(cells, markers), cells
 
 
 class _Normalised:
@@ -599,12 +666,16 @@ class _Normalised:
         return (s / w).clip(0, 1).astype(np.float32)
 
 
-def _tiles_outside(polygon: Sequence[tuple[float, float]], origins: list[tuple[int, int]],
-                   tile: int, x0: int, y0: int, factor: float) -> frozenset:
-    """Origins of tiles whose footprint misses the ROI polygon (level-0 points)."""
+def _tiles_outside(polygon: Sequence[tuple[float, float]], holes: Sequence[Sequence[tuple[float, float]]],
+                   origins: list[tuple[int, int]], tile: int, x0: int, y0: int,
+                   factor: float) -> frozenset:
+    """Origins of tiles whose footprint misses the ROI polygon less its holes (level-0 points)."""
     from shapely.geometry import Polygon, box
 
-    shape = Polygon([((px - x0) / factor, (py - y0) / factor) for px, py in polygon]).buffer(0)
+    def local(ring: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+        return [((px - x0) / factor, (py - y0) / factor) for px, py in ring]
+
+    shape = Polygon(local(polygon), [local(h) for h in holes]).buffer(0)
     return frozenset((oy, ox) for oy, ox in origins
                      if not shape.intersects(box(ox, oy, ox + tile, oy + tile)))
 
@@ -692,7 +763,8 @@ def layer_file_stem(name: str) -> str:
 
 def write_translation(result: RegionTranslation, out_dir: str | Path, source: str = "",
                       overwrite: bool = False, ome_tiff: bool = False) -> Path:
-    """One OME-Zarr per output layer under `out_dir` (and an OME-TIFF each when `ome_tiff`).
+    """One OME-Zarr per output layer under `out_dir` (and an OME-TIFF each when `ome_tiff`),
+    plus the region's predicted scores when there are (`scores.csv`, `scores-<marker>.geojson`).
 
     Written into a temporary sibling folder renamed onto `out_dir` at the end, so a failure
     leaves nothing under the final name. Disk-backed layers are re-pointed at the written
@@ -720,6 +792,11 @@ def write_translation(result: RegionTranslation, out_dir: str | Path, source: st
             set_ngff_translation(tmp / f"{stem}.ome.zarr", result.translate_um, result.output_mpp)
             if ome_tiff:
                 write_ome_tiff(tmp / f"{stem}.ome.tif", image, **options)
+        if result.scores:  # scores.csv + a QuPath GeoJSON per marker: regions, cells, scores
+            from .scores import ScoredRegion, write_score_files
+
+            write_score_files(tmp, [ScoredRegion(result.annotation(out.name), result.scores,
+                                                 result.cells)])
     if result.workdir is not None:
         from .io import open_slide
 

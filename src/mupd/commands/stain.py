@@ -1,8 +1,17 @@
-"""`mupd stain`: virtual IHC / mIF of a region or a whole slide, written as OME-Zarr (+ OME-TIFF)."""
+"""`mupd stain`: virtual IHC / mIF of a region or a whole slide, written as OME-Zarr (+ OME-TIFF).
+
+With markers rendered as IHC (the default), each output folder also holds the region's
+predicted scores (`scores.csv`, `scores-<marker>.geojson` for QuPath: see `mupd.scores`); with
+`--geojson`, `--out` itself gets the same two kinds of file for all the annotations together,
+under their names and classes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
+from typing import Optional
 
 from ..data.captions import RESTAIN_PROMPT
 from ..engine.api import TranslateRequest
@@ -18,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--box", nargs=4, type=int, metavar=("X", "Y", "W", "H"),
                        help="region in level-0 pixels (default: the whole slide)")
-    where.add_argument("--geojson", help="QuPath GeoJSON: each annotation is translated")
+    where.add_argument("--geojson", help="QuPath GeoJSON: each annotation is translated (holes "
+                       "kept); scores of all of them land in --out")
     p.add_argument("--out", required=True, help="output folder (one OME-Zarr per stain); must not "
                    "exist or be empty")
     p.add_argument("--ome-tiff", action="store_true", help="also write a pyramidal OME-TIFF per stain")
@@ -45,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.api import TranslateRequest
     from ..engine.local import LocalEngine
     from ..io import read_geojson
+    from ..scores import ScoredRegion, write_score_files
     from ..slides import check_output_folder
     from .console import ConsoleProgress
 
@@ -55,15 +66,18 @@ def run(args: argparse.Namespace) -> int:
         regions = read_geojson(args.geojson)
         if not regions:
             raise RegionError(f"{args.geojson} holds no annotation to translate")
-        targets = [(f"{args.out}/region-{i:03d}", r.polygon) for i, r in enumerate(regions)]
+        targets = [(f"{args.out}/region-{i:03d}", r) for i, r in enumerate(regions)]
     else:
         targets = [(args.out, None)]
     engine = LocalEngine(args.model, device=args.device)
-    for out, polygon in targets:
+    scored = []
+    for out, region in targets:
         bar = ConsoleProgress()
         result = engine.translate(
             TranslateRequest(slide_path=args.slide, stains=args.stains,
-                             box=tuple(args.box) if args.box else None, polygon=polygon,
+                             box=tuple(args.box) if args.box else None,
+                             polygon=region.polygon if region else None,
+                             holes=region.holes if region else [],
                              steps=args.steps, seed=args.seed, slide_mpp=args.mpp,
                              render_brightfield=not args.no_render, output_path=out,
                              ome_tiff=args.ome_tiff, stain_norm=args.stain_norm,
@@ -73,4 +87,17 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
         names = ", ".join(l.name for l in result.layers)
         print(f"{result.n_tiles} tiles in {result.seconds:.1f} s -> {result.output_path} ({names})")
+        for s in result.scores:
+            print(f"  predicted {s.marker}: {s.n_cells} cells, mean level {_fmt(s.mean_level, 3)}, "
+                  f"{_fmt(s.percent_positive, 1)}% positive, H-score {_fmt(s.h_score, 0)}")
+        if region is not None and result.scores:
+            scored.append(ScoredRegion(dataclasses.replace(region, name=region.name or Path(out).name),
+                                       result.scores, result.cells))
+    if scored:
+        for path in write_score_files(args.out, scored):
+            print(f"scores of {len(scored)} region(s) -> {path}")
     return 0
+
+
+def _fmt(value: Optional[float], digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"

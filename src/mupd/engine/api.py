@@ -13,6 +13,7 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from ..progress import CancelToken, ProgressCallback
+from ..scores import CellReadout, MarkerScore
 
 #: Most sampling steps one request may ask for (`mupd serve`, `mupd stain/generate --steps`):
 #: work and memory grow with steps, so an unbounded count lets one request take the host.
@@ -46,9 +47,11 @@ class EngineInfo:
 class TranslateRequest:
     slide_path: str
     stains: list[str]
-    # Either a box (x, y, width, height) or a polygon [(x, y), ...], level-0 pixels.
+    # Either a box (x, y, width, height) or a polygon [(x, y), ...], level-0 pixels; a polygon
+    # may have holes (rings cut out of it: tiles inside one are not run, its cells not scored).
     box: Optional[tuple[int, int, int, int]] = None
     polygon: Optional[list[tuple[float, float]]] = None
+    holes: list[list[tuple[float, float]]] = field(default_factory=list)
     steps: int = bounded(1, 1, MAX_STEPS)
     guidance: dict[str, float] = field(default_factory=dict)
     seed: int = bounded(0, 0, MAX_SEED)
@@ -80,6 +83,10 @@ class TranslateResult:
     output_path: Optional[str] = None
     n_tiles: int = 0
     seconds: float = 0.0
+    #: Per-marker predicted read-outs over the region's cells (`mupd.scores`) and the cells
+    #: (level-0 outlines, each marker's level); present when markers were rendered as IHC.
+    scores: list[MarkerScore] = field(default_factory=list)
+    cells: Optional[CellReadout] = None
 
 
 @dataclass

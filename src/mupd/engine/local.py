@@ -130,7 +130,7 @@ class LocalEngine:
             check_output_folder(request.output_path)  # refuse before the work, not after
         with self._lock:
             result = RegionTranslator(self._pipeline)(
-                slide, request.stains, box=request.box, polygon=request.polygon,
+                slide, request.stains, box=request.box, polygon=request.polygon, holes=request.holes,
                 steps=request.steps, guidance=request.guidance, seed=request.seed,
                 render_brightfield=request.render_brightfield, progress=progress, cancel=cancel,
                 stain_norm=request.stain_norm, strength=request.strength, prompt=request.prompt,
@@ -153,7 +153,7 @@ class LocalEngine:
             for l in result.layers
         ]
         return TranslateResult(layers=layers, output_path=output, n_tiles=result.n_tiles,
-                               seconds=result.seconds)
+                               seconds=result.seconds, scores=result.scores, cells=result.cells)
 
     def generate(self, request: GenerateRequest, progress: Optional[ProgressCallback] = None,
                  cancel: Optional[CancelToken] = None) -> GenerateResult:

@@ -29,7 +29,6 @@ from .api import (
     GenerateRequest,
     GenerateResult,
     JobStatus,
-    StainLayer,
     TranslateRequest,
     TranslateResult,
 )
@@ -214,8 +213,7 @@ class RemoteEngine:
                                wire.NPZ_MEDIA_TYPE, progress, cancel)
         result = wire.decode_translate_result(body)
         if request.output_path:
-            result.output_path = str(_write_layers(result.layers, box, info.mpp, request.output_path,
-                                                   request.slide_path, request.ome_tiff))
+            result.output_path = str(_write_layers(result, box, request, info.mpp))
         return result
 
     # -- fine-tuning jobs -------------------------------------------------------------------
@@ -279,14 +277,17 @@ def _raise_for_status(response: httpx.Response, url: str) -> None:
     raise RemoteError(f"MuPD engine at {url}: {detail} (HTTP {code})", code)
 
 
-def _write_layers(layers: list[StainLayer], box: tuple[int, int, int, int], mpp: float,
-                  out: str, source: str, ome_tiff: bool = False) -> Any:
+def _write_layers(result: TranslateResult, box: tuple[int, int, int, int],
+                  request: TranslateRequest, mpp: float) -> Any:
     """Write uploaded-region results here, with the same writer LocalEngine uses."""
     from ..slides import OutputLayer, RegionTranslation, write_translation
 
+    layers = result.layers
     first = layers[0]
-    result = RegionTranslation(
+    region = RegionTranslation(
         layers=[OutputLayer(l.name, l.kind, l.data, l.colormap, dict(l.metadata)) for l in layers],
         box=tuple(box), output_mpp=mpp, scale_um=first.scale_um, translate_um=first.translate_um,
-        n_tiles=0, n_skipped=0, seconds=0.0)
-    return write_translation(result, out, source=source, ome_tiff=ome_tiff)
+        n_tiles=0, n_skipped=0, seconds=0.0, polygon=request.polygon, holes=list(request.holes),
+        scores=result.scores, cells=result.cells)
+    return write_translation(region, request.output_path, source=request.slide_path,
+                             ome_tiff=request.ome_tiff)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import MuPDError
 from ..models.rna import profile_from_request
+from ..scores import CellReadout, MarkerScore
 from .api import (
     MPP_RANGE,
     GenerateRequest,
@@ -326,8 +327,11 @@ def encode_translate_result(res: TranslateResult) -> bytes:
         entry.pop("data")
         layers.append(entry)
     meta = {"layers": layers, "output_path": res.output_path, "n_tiles": res.n_tiles,
-            "seconds": res.seconds}
+            "seconds": res.seconds, "scores": [to_json(s) for s in res.scores]}
     arrays = {f"layer{i}": np.asarray(l.data) for i, l in enumerate(res.layers)}
+    if res.cells is not None:
+        meta["cell_markers"], cells = res.cells.arrays()
+        arrays.update({f"cells_{k}": v for k, v in cells.items()})
     return encode_npz(meta, arrays)
 
 
@@ -338,7 +342,18 @@ def decode_translate_result(body: bytes) -> TranslateResult:
         entry["scale_um"] = tuple(entry["scale_um"])
         entry["translate_um"] = tuple(entry["translate_um"])
         layers.append(StainLayer(data=arrays[f"layer{i}"], **entry))
-    return TranslateResult(layers=layers, **meta)
+    scores = [from_json(MarkerScore, s, f"scores[{k}]") for k, s in enumerate(meta.pop("scores", []))]
+    cells = None
+    markers = meta.pop("cell_markers", None)
+    if markers is not None:
+        try:
+            cells = CellReadout.from_arrays(check_value(markers, list[str], "cell_markers"),
+                                            {k: arrays[f"cells_{k}"] for k in CellReadout.ARRAYS})
+        except KeyError as exc:
+            raise WireError(f"translate result: cell array {exc} is missing") from None
+        except MuPDError as exc:
+            raise WireError(f"translate result: {exc}") from None
+    return TranslateResult(layers=layers, scores=scores, cells=cells, **meta)
 
 
 __all__ = [

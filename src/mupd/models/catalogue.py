@@ -6,8 +6,10 @@ only ever appended (fine-tuning registers new stains; existing ids never move).
 
 A marker may say where in a cell its stain sits (`compartment`: nuclear, membranous,
 cytoplasmic, or diffuse when unknown) and from which predicted intensity a cell counts as
-positive (`positivity_threshold`); both are optional, so catalogues written before them load
-unchanged, and `compartment_of` / `threshold_of` give the defaults.
+positive (`positivity_threshold`), and where its weak / moderate / strong bins of the H-score
+start (`intensity_bins`: the moderate and strong edges; weak starts at the threshold). All are
+optional, so catalogues written before them load unchanged, and `compartment_of` /
+`threshold_of` / `intensity_bins_of` give the defaults.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ COMPARTMENTS = ("nuclear", "membranous", "cytoplasmic", "diffuse")
 DEFAULT_COMPARTMENT = "diffuse"
 #: Predicted intensity (marker map units, [0, 1]) from which a cell counts as positive.
 DEFAULT_POSITIVITY_THRESHOLD = 0.3
+#: Predicted intensity from which a positive cell is moderate (2+) and strong (3+); below the
+#: first edge and at or above the threshold it is weak (1+). Used by the H-score (mupd.scores).
+DEFAULT_INTENSITY_BINS = (0.5, 0.7)
 
 
 @dataclass(frozen=True)
@@ -40,10 +45,13 @@ class StainTarget:
     description: str = ""
     compartment: Optional[str] = None  # one of COMPARTMENTS; None: not given (DEFAULT_COMPARTMENT)
     positivity_threshold: Optional[float] = None  # None: not given (DEFAULT_POSITIVITY_THRESHOLD)
+    intensity_bins: Optional[tuple[float, float]] = None  # None: not given (DEFAULT_INTENSITY_BINS)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["aliases"] = list(self.aliases)
+        if self.intensity_bins is not None:
+            d["intensity_bins"] = list(self.intensity_bins)
         return {k: v for k, v in d.items() if v is not None}
 
 
@@ -103,7 +111,8 @@ class StainCatalogue:
     def register(self, name: str, kind: str, aliases: tuple[str, ...] | list[str] = (),
                  gene: Optional[str] = None, colormap: Optional[str] = None,
                  description: str = "", compartment: Optional[str] = None,
-                 positivity_threshold: Optional[float] = None) -> StainTarget:
+                 positivity_threshold: Optional[float] = None,
+                 intensity_bins: Optional[Any] = None) -> StainTarget:
         """Append a new target (its id is the next free one); a clash with a known name is refused."""
         if kind not in KINDS:
             raise ConditionError(f"stain {name!r}: kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -118,13 +127,18 @@ class StainCatalogue:
             if not 0.0 <= positivity_threshold <= 1.0:
                 raise ConditionError(f"stain {name!r}: positivity_threshold must be a number in "
                                      f"[0, 1] (marker intensity), got {positivity_threshold}")
+        if intensity_bins is not None:
+            intensity_bins = check_intensity_bins(
+                intensity_bins, DEFAULT_POSITIVITY_THRESHOLD if positivity_threshold is None
+                else positivity_threshold, f"stain {name!r}")
         for label in (name, *aliases):
             if self._find(label) is not None:
                 raise ConditionError(f"stain name {label!r} is already taken by "
                                      f"{self.get(label).name!r}")
         target = StainTarget(name=name, kind=kind, aliases=tuple(aliases), gene=gene,
                              colormap=colormap, description=description, compartment=compartment,
-                             positivity_threshold=positivity_threshold)
+                             positivity_threshold=positivity_threshold,
+                             intensity_bins=intensity_bins)
         self.targets.append(target)
         return target
 
@@ -139,6 +153,25 @@ def threshold_of(target: Any) -> float:
     """A target's positivity threshold, with the same fallbacks as `compartment_of`."""
     value = _attribute(target, "positivity_threshold")
     return DEFAULT_POSITIVITY_THRESHOLD if value is None else float(value)
+
+
+def intensity_bins_of(target: Any) -> tuple[float, float]:
+    """A target's (moderate, strong) H-score bin edges, with the same fallbacks as `compartment_of`."""
+    value = _attribute(target, "intensity_bins")
+    return DEFAULT_INTENSITY_BINS if value is None else (float(value[0]), float(value[1]))
+
+
+def check_intensity_bins(bins: Any, threshold: float, where: str) -> tuple[float, float]:
+    """(moderate, strong) edges as floats, refused unless threshold < moderate < strong <= 1."""
+    try:
+        moderate, strong = (float(v) for v in bins)
+    except (TypeError, ValueError):
+        moderate = strong = float("nan")
+    if not threshold < moderate < strong <= 1.0:
+        raise ConditionError(f"{where}: intensity_bins must be two increasing marker intensities "
+                             f"[moderate, strong] above the positivity threshold {threshold:g} and "
+                             f"at most 1, got {bins!r}")
+    return moderate, strong
 
 
 def _attribute(target: Any, field_name: str) -> Any:
