@@ -650,12 +650,15 @@ def layer_file_stem(name: str) -> str:
 
 
 def write_translation(result: RegionTranslation, out_dir: str | Path, source: str = "",
-                      overwrite: bool = False, ome_tiff: bool = False) -> Path:
+                      overwrite: bool = False, ome_tiff: bool = False,
+                      extra_files: Optional[dict[str, str]] = None) -> Path:
     """One OME-Zarr per output layer under `out_dir` (and an OME-TIFF each when `ome_tiff`).
 
     Written into a temporary sibling folder renamed onto `out_dir` at the end, so a failure
     leaves nothing under the final name. Disk-backed layers are re-pointed at the written
     OME-Zarr (lazily) and their temporary sums removed, so `result` stays usable.
+    `extra_files` (name -> text) go into the same folder before the rename, so they appear
+    together with the layers or not at all (a cohort's summary row: `mupd.cohort`).
     """
     from .io import write_ome_tiff, write_ome_zarr
     from .io.omezarr import set_ngff_translation
@@ -679,6 +682,8 @@ def write_translation(result: RegionTranslation, out_dir: str | Path, source: st
             set_ngff_translation(tmp / f"{stem}.ome.zarr", result.translate_um, result.output_mpp)
             if ome_tiff:
                 write_ome_tiff(tmp / f"{stem}.ome.tif", image, **options)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     if result.workdir is not None:
         from .io import open_slide
 
