@@ -10,6 +10,9 @@ Launch one process per device, e.g. on 2 nodes x 8 GPUs (see docs/remote.md):
     accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \\
         --main_process_ip HOST --main_process_port 29500 -m mupd.distributed SLIDE \\
         --stains HER2 Ki67 --out out/
+
+A cohort (`mupd stain FOLDER`, launched the same way with `-m mupd.cli stain`) shares out whole
+slides instead, through `join_launch`, `shard` and `Launch.wait_for_all` (see mupd.cohort).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import argparse
 import shutil
 import sys
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -40,9 +45,50 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard(batches: Sequence[Any], rank: int, world_size: int) -> list[Any]:
-    """This rank's batches: round robin, so tissue-dense areas spread over all ranks."""
-    return list(batches[rank::world_size])
+@dataclass
+class Launch:
+    """This process's place in a launch (`join_launch`)."""
+
+    rank: int
+    world: int
+    device: Any
+    _waiting: Any = None  # the process group `wait_for_all` waits on
+
+    def wait_for_all(self) -> None:
+        """Wait for every process, however long the slowest takes (a no-op in a plain run).
+
+        On a gloo group of its own with a long timeout: processes that finish their share of a
+        cohort hours before the others then wait on the CPU, not in an NCCL collective that its
+        watchdog aborts after the default 10 minutes."""
+        import torch.distributed as dist
+
+        if self._waiting is not None:
+            dist.barrier(group=self._waiting)
+
+
+def join_launch(cpu: bool = False, wait_timeout: timedelta = timedelta(days=7)) -> Launch:
+    """Join the process group that `accelerate launch` / `torchrun` describe in the environment;
+    a plain run is rank 0 of 1.
+
+    `cpu`: gloo and the CPU even where CUDA exists. Without CUDA it is forced: accelerate's
+    PartialState() under torchrun on a CPU-only host joins the group yet reports one process.
+    `wait_timeout`: how long `Launch.wait_for_all` may wait (its group is made now, while every
+    process is here)."""
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu or not torch.cuda.is_available())
+    rank, world = rank_and_world()
+    waiting = dist.new_group(backend="gloo", timeout=wait_timeout) if world > 1 else None
+    return Launch(rank, world, state.device, waiting)
+
+
+def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """This rank's share of a slide's tile batches or of a cohort's slides: round robin, so a
+    slide's tissue-dense areas spread over all ranks, and the share follows from the list alone
+    (a cohort's processes agree on theirs without talking)."""
+    return list(items[rank::world_size])
 
 
 def reduce_sums(sums: RegionSums, device: Any = "cpu") -> None:

@@ -762,13 +762,16 @@ def layer_file_stem(name: str) -> str:
 
 
 def write_translation(result: RegionTranslation, out_dir: str | Path, source: str = "",
-                      overwrite: bool = False, ome_tiff: bool = False) -> Path:
+                      overwrite: bool = False, ome_tiff: bool = False,
+                      extra_files: Optional[dict[str, str]] = None) -> Path:
     """One OME-Zarr per output layer under `out_dir` (and an OME-TIFF each when `ome_tiff`),
     plus the region's predicted scores when there are (`scores.csv`, `scores-<marker>.geojson`).
 
     Written into a temporary sibling folder renamed onto `out_dir` at the end, so a failure
     leaves nothing under the final name. Disk-backed layers are re-pointed at the written
     OME-Zarr (lazily) and their temporary sums removed, so `result` stays usable.
+    `extra_files` (name -> text) go into the same folder before the rename, so they appear
+    together with the layers or not at all (a cohort's summary row: `mupd.cohort`).
     """
     from .io import write_ome_tiff, write_ome_zarr
     from .io.omezarr import set_ngff_translation
@@ -797,6 +800,8 @@ def write_translation(result: RegionTranslation, out_dir: str | Path, source: st
 
             write_score_files(tmp, [ScoredRegion(result.annotation(out.name), result.scores,
                                                  result.cells)])
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     if result.workdir is not None:
         from .io import open_slide
 

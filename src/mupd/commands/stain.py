@@ -1,4 +1,5 @@
-"""`mupd stain`: virtual IHC / mIF of a region or a whole slide, written as OME-Zarr (+ OME-TIFF).
+"""`mupd stain`: virtual IHC / mIF of a region or a whole slide, written as OME-Zarr (+ OME-TIFF);
+of a whole cohort (a folder or list of slides: `mupd.cohort`), resumable and sharded.
 
 With markers rendered as IHC (the default), each output folder also holds the region's
 predicted scores (`scores.csv`, `scores-<marker>.geojson` for QuPath: see `mupd.scores`); with
@@ -22,7 +23,11 @@ from . import request_arg
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stain", help="translate a slide region (or the whole slide) into stains")
-    p.add_argument("slide", help="slide file (SVS, TIFF, OME-TIFF, QPTIFF, JPEG, OME-Zarr)")
+    p.add_argument("slides", nargs="+", metavar="SLIDE",
+                   help="slide file (SVS, TIFF, OME-TIFF, QPTIFF, JPEG, OME-Zarr); several slides, a "
+                   "folder of slides or a .txt list of them stain a cohort: one folder per slide "
+                   "under --out and a cohort.csv table, resumed by a rerun, shared out over the "
+                   "processes of `accelerate launch` / `torchrun` (docs/slides.md)")
     p.add_argument("--stains", nargs="+", required=True, help="target stains/markers, e.g. HER2 Ki67")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--box", nargs=4, type=int, metavar=("X", "Y", "W", "H"),
@@ -30,11 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--geojson", help="QuPath GeoJSON: each annotation is translated (holes "
                        "kept); scores of all of them land in --out")
     p.add_argument("--out", required=True, help="output folder (one OME-Zarr per stain); must not "
-                   "exist or be empty")
+                   "exist or be empty (a cohort's: new, empty, or the same cohort's to resume)")
     p.add_argument("--ome-tiff", action="store_true", help="also write a pyramidal OME-TIFF per stain")
     p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     p.add_argument("--mpp", type=request_arg(TranslateRequest, "slide_mpp", float), default=None,
-                   help="slide um/px when the file has none")
+                   help="slide um/px when the file has none (one slide: overrides the file's; a "
+                   "cohort: only for the slides whose files state none)")
     p.add_argument("--steps", type=request_arg(TranslateRequest, "steps", int), default=1,
                    help="sampling steps (1: one-step readout)")
     p.add_argument("--seed", type=request_arg(TranslateRequest, "seed", int), default=0)
@@ -52,6 +58,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cohort import is_cohort
+
+    if is_cohort(args.slides):
+        return run_cohort(args)
+    return run_slide(args, args.slides[0])
+
+
+def run_slide(args: argparse.Namespace, slide: str) -> int:
     from ..engine.api import TranslateRequest
     from ..engine.local import LocalEngine
     from ..io import read_geojson
@@ -74,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     for out, region in targets:
         bar = ConsoleProgress()
         result = engine.translate(
-            TranslateRequest(slide_path=args.slide, stains=args.stains,
+            TranslateRequest(slide_path=slide, stains=args.stains,
                              box=tuple(args.box) if args.box else None,
                              polygon=region.polygon if region else None,
                              holes=region.holes if region else [],
@@ -101,3 +115,56 @@ def run(args: argparse.Namespace) -> int:
 
 def _fmt(value: Optional[float], digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def run_cohort(args: argparse.Namespace) -> int:
+    """Exit code 0 when every slide is finished, 1 when some failed (the table says why)."""
+    from ..cohort import (TABLE, CohortSettings, check_cohort_output, claim_output, find_slides,
+                          read_rows, stain_cohort, write_table)
+    from ..distributed import join_launch, shard
+    from ..engine.local import LocalEngine
+    from .console import CohortBars, console_line
+
+    if args.box or args.geojson:
+        raise RegionError("--box and --geojson pick a region of one slide; a cohort is stained "
+                          "whole (run `mupd stain SLIDE --box ...` per slide for regions)")
+    out = Path(args.out)
+    skipped: list[str] = []  # before joining the launch or loading the model: inputs and --out
+    slides = find_slides(args.slides, skipped.append)  # every process sees the same files
+    check_cohort_output(out)
+    launch = join_launch(cpu=args.device == "cpu")
+    tag = f"[rank {launch.rank}/{launch.world}] " if launch.world > 1 else ""
+
+    def log(message: str) -> None:
+        console_line(tag + message)
+
+    for line in skipped if launch.rank == 0 else []:
+        log(line)
+    device = args.device if args.device != "auto" or launch.world == 1 else str(launch.device)
+    engine = LocalEngine(args.model, device=device)
+    settings = CohortSettings.of(engine.pipeline, engine.info().model_path, args.stains,
+                                 steps=args.steps, seed=args.seed,
+                                 render_brightfield=not args.no_render, ome_tiff=args.ome_tiff,
+                                 stain_norm=args.stain_norm, strength=args.strength,
+                                 prompt=args.prompt)
+    claim_output(out, settings, write=launch.rank == 0)
+    log(f"{len(slides)} slides, {len(shard(slides, launch.rank, launch.world))} for this "
+        f"process -> {out}")
+    bars = CohortBars(tag)
+    try:
+        counts = stain_cohort(engine.pipeline, slides, out, settings, launch.rank, launch.world,
+                              fallback_mpp=args.mpp, progress=bars, log=log)
+    finally:
+        bars.close()
+    log(f"{counts['done']} stained, {counts['skipped']} finished earlier, {counts['failed']} failed")
+    launch.wait_for_all()
+    if launch.rank == 0:  # the complete table, once every process has finished
+        write_table(out, slides, settings.markers)
+    launch.wait_for_all()  # then all exit together, with one code
+    mine = {s.name for s in slides}
+    status = [r["status"] for r in read_rows(out, slides) if r["output"] in mine]
+    bad = len(status) - status.count("done")
+    if launch.rank == 0:
+        log(f"cohort: {status.count('done')} of {len(status)} slides finished"
+            f"{f', {bad} failed or missing' if bad else ''} -> {out / TABLE}")
+    return 1 if bad else 0
