@@ -24,6 +24,7 @@ from mupd.engine.api import EngineInfo, TranslateRequest, TranslateResult
 from mupd.errors import ConditionError, MuPDError, RegionError
 from mupd.io import Region
 from mupd.scores import CSV_COLUMNS, ScoredRegion, score_row, write_score_files
+from mupd.stain_norm import METHODS as STAIN_NORM_METHODS
 
 from . import _settings
 from ._regions import (Polygon, area_mm2, check_inside, class_names, class_regions, is_slide_layer,
@@ -44,9 +45,10 @@ TABLE_HEADERS = [header for header, _ in CSV_COLUMNS]
 
 def translation_requests(slide_layer: Any, polygons: list[Polygon], stains: list[str], steps: int,
                          seed: int, render_brightfield: bool, source_guidance: float = 1.0,
-                         holes: Optional[list[list[Polygon]]] = None) -> list[TranslateRequest]:
+                         holes: Optional[list[list[Polygon]]] = None, stain_norm: str = "none",
+                         strength: float = 0.0) -> list[TranslateRequest]:
     """One engine request per region of an open slide layer (level-0 polygons, each with its
-    holes when given)."""
+    holes when given). `strength` > 0: image-to-image for RGB stains (0 here means off)."""
     if not stains:
         raise ConditionError("pick at least one target stain or marker")
     for polygon in polygons:
@@ -57,7 +59,9 @@ def translation_requests(slide_layer: Any, polygons: list[Polygon], stains: list
                              polygon=polygon, holes=[list(h) for h in cut], steps=steps, seed=seed,
                              slide_mpp=user_mpp,
                              guidance={} if source_guidance == 1.0 else {"source": source_guidance},
-                             render_brightfield=render_brightfield)
+                             render_brightfield=render_brightfield,
+                             stain_norm=None if stain_norm == "none" else stain_norm,
+                             strength=strength if strength > 0 else None)
             for polygon, cut in zip(polygons, holes)]
 
 
@@ -105,6 +109,12 @@ class TranslatePanel(QWidget):
         self.guidance = FloatSlider(label="source guidance", min=0.0, max=5.0, value=1.0,
                                     tooltip="image guidance on the H&E: 1 = the model as trained, "
                                     ">1 pushes further from the model with the H&E hidden")
+        self.stain_norm = ComboBox(label="stain normalisation", choices=["none", *STAIN_NORM_METHODS],
+                                   value="none", tooltip="map this slide's H&E onto the training "
+                                   "stain before the model reads it (fitted once per region)")
+        self.strength = FloatSlider(label="image-to-image strength", min=0.0, max=1.0, value=0.0,
+                                    tooltip="RGB stains only (e.g. H&E-FFPE for frozen -> FFPE): "
+                                    "how far from the source; 0 = off (plain translation)")
         self.render = CheckBox(text="also render markers as brightfield IHC (DAB) and score cells",
                                value=True)
         self.user_mpp = FloatSpinBox(label="slide um/px if unknown", min=0.0, max=100.0, value=0.0,
@@ -120,7 +130,7 @@ class TranslatePanel(QWidget):
         self.status = Label(value="")
         self.form = Container(widgets=[
             self.source, self.stains, self.region, self.klass, self.steps, self.seed, self.guidance,
-            self.render, self.user_mpp,
+            self.stain_norm, self.strength, self.render, self.user_mpp,
             self.limit,
             self.side_by_side, self.opacity, self.buttons,
             self.status])
@@ -143,6 +153,7 @@ class TranslatePanel(QWidget):
         self._saved_stains = _settings.load("translate-stains").get("stains", [])
         _settings.persist("translate", {"region": self.region, "steps": self.steps,
                                         "seed": self.seed, "guidance": self.guidance,
+                                        "stain_norm": self.stain_norm, "strength": self.strength,
                                         "render": self.render,
                                         "limit": self.limit, "side_by_side": self.side_by_side,
                                         "opacity": self.opacity})
@@ -228,7 +239,8 @@ class TranslatePanel(QWidget):
             requests = translation_requests(slide_layer, [r.polygon for r in named],
                                             list(self.stains.value), self.steps.value,
                                             self.seed.value, self.render.value,
-                                            round(self.guidance.value, 2), [r.holes for r in named])
+                                            round(self.guidance.value, 2), [r.holes for r in named],
+                                            self.stain_norm.value, round(self.strength.value, 2))
         except MuPDError as exc:
             notify_error(exc, "Translate")
             return None

@@ -140,6 +140,14 @@ def test_translate_panel_places_layers_over_the_roi_without_freezing(make_napari
     polygon = [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
     assert translation_requests(slide, [polygon], ["HER2"], 1, 0, False)[0].guidance == {}
     assert translation_requests(slide, [polygon], ["HER2"], 1, 0, False, 2.5)[0].guidance == {"source": 2.5}
+    # stain normalisation and image-to-image reach the engine request (strength 0: off)
+    plain = translation_requests(slide, [polygon], ["H&E"], 1, 0, False)[0]
+    assert plain.stain_norm is None and plain.strength is None
+    req = translation_requests(slide, [polygon], ["H&E"], 4, 0, False, stain_norm="macenko",
+                               strength=0.5)[0]
+    assert req.stain_norm == "macenko" and req.strength == 0.5
+    assert [w.label for w in (panel.stain_norm, panel.strength)] == [
+        "stain normalisation", "image-to-image strength"]
 
 
 def test_translate_panel_cancel_adds_nothing(make_napari_viewer, qtbot, slide_path, local_engine, errors,
