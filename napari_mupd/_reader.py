@@ -1,5 +1,9 @@
 """napari reader: any slide `mupd.io.open_slide` understands, as lazy calibrated layers.
 
+That is the TIFF family (SVS, NDPI, SCN, OME-TIFF, QPTIFF), OpenSlide's MRXS, BIF, VMS/VMU and
+Philips TIFF, DICOM WSI (a folder, one .dcm in it, or all of its .dcm files selected together),
+OME-Zarr and plain images.
+
 RGB slides become one multiscale RGB layer; fluorescence slides one additive layer per channel.
 Scales are micrometres per pixel so that the scale bar, ROIs and engine results line up. Nothing
 is decoded here: the layers hold the slide's dask levels and napari reads tiles as it draws.
@@ -26,10 +30,10 @@ ReaderFunction = Callable[[PathLike], list[LayerData]]
 def napari_get_reader(path: Union[PathLike, list[PathLike]]) -> Optional[ReaderFunction]:
     """The reader for `path` if it opens as a slide, else None (napari then tries other readers)."""
     if isinstance(path, (list, tuple)):
-        if len(path) != 1:
+        if len(path) != 1 and not _one_dicom_slide(path):
             log.info("napari-mupd opens one slide at a time, not a stack of %d files", len(path))
             return None
-        path = path[0]
+        path = path[0]  # a DICOM instance opens its whole folder
     from mupd.errors import MuPDError
     from mupd.io import open_slide
 
@@ -48,6 +52,15 @@ def napari_get_reader(path: Union[PathLike, list[PathLike]]) -> Optional[ReaderF
         return slide_layer_data(slide)
 
     return read
+
+
+def _one_dicom_slide(paths: list[PathLike]) -> bool:
+    """True when `paths` are DICOM instance files of one folder (the levels of one DICOM slide)."""
+    from mupd.io.dicom import DICOM_SUFFIXES
+
+    files = [Path(p) for p in paths]
+    return (len({f.parent for f in files}) == 1
+            and all(f.suffix.lower() in DICOM_SUFFIXES and f.is_file() for f in files))
 
 
 def slide_layer_data(slide) -> list[LayerData]:
