@@ -1,6 +1,10 @@
 """napari reader: any slide `mupd.io.open_slide` understands, as lazy calibrated layers, and
 QuPath GeoJSON annotations as a Shapes layer placed on the open slide.
 
+That is the TIFF family (SVS, NDPI, SCN, OME-TIFF, QPTIFF), OpenSlide's MRXS, BIF, VMS/VMU and
+Philips TIFF, DICOM WSI (a folder, one .dcm in it, or all of its .dcm files selected together),
+OME-Zarr and plain images.
+
 RGB slides become one multiscale RGB layer; fluorescence slides one additive layer per channel.
 Scales are micrometres per pixel so that the scale bar, ROIs and engine results line up. Nothing
 is decoded here: the layers hold the slide's dask levels and napari reads tiles as it draws.
@@ -42,10 +46,10 @@ def napari_get_reader(path: Union[PathLike, list[PathLike]]) -> Optional[ReaderF
     """The reader for `path` if it opens as a slide or is GeoJSON, else None (napari then tries
     other readers)."""
     if isinstance(path, (list, tuple)):
-        if len(path) != 1:
+        if len(path) != 1 and not _one_dicom_slide(path):
             log.info("napari-mupd opens one slide at a time, not a stack of %d files", len(path))
             return None
-        path = path[0]
+        path = path[0]  # a DICOM instance opens its whole folder
     if str(path).lower().endswith(".geojson"):
         return read_annotations
     from mupd.errors import MuPDError
@@ -124,6 +128,15 @@ def annotation_layer_data(regions: list, slide_layer: Any = None, name: str = "a
     else:
         meta["edge_width"] = 2.0
     return data, meta, "shapes"
+
+
+def _one_dicom_slide(paths: list[PathLike]) -> bool:
+    """True when `paths` are DICOM instance files of one folder (the levels of one DICOM slide)."""
+    from mupd.io.dicom import DICOM_SUFFIXES
+
+    files = [Path(p) for p in paths]
+    return (len({f.parent for f in files}) == 1
+            and all(f.suffix.lower() in DICOM_SUFFIXES and f.is_file() for f in files))
 
 
 def slide_layer_data(slide) -> list[LayerData]:

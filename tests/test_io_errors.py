@@ -46,8 +46,11 @@ def test_text_file_renamed_svs(tmp_path):
 def test_unsupported_format(tmp_path):
     other = tmp_path / "scan.czi"
     other.write_bytes(b"ZISRAWFILE" + bytes(100))
-    with pytest.raises(SlideError, match=r"unsupported slide format '\.czi' for .*scan\.czi"):
+    with pytest.raises(SlideError, match=r"unsupported slide format '\.czi' for .*scan\.czi") as caught:
         open_slide(other)
+    listed = str(caught.value).split("supported: ", 1)[1]
+    for name in (".svs", ".ndpi", ".vms", ".scn", ".mrxs", ".bif", "Philips TIFF", "DICOM", "OME-Zarr", ".qptiff"):
+        assert name in listed, name
 
 
 def test_folder_that_is_not_zarr(tmp_path):

@@ -35,7 +35,8 @@ def test_napari_finds_reader_writers_and_sample() -> None:
     pm.discover()
     manifest = pm.get_manifest("napari-mupd")
     assert manifest.display_name == "MuPD"
-    for name in ("slide.svs", "slide.ndpi", "slide.ome.tif", "panel.qptiff", "he.jpg", "image.zarr"):
+    for name in ("slide.svs", "slide.ndpi", "slide.ome.tif", "panel.qptiff", "he.jpg", "image.zarr", "slide.mrxs",
+                 "slide.bif", "slide.vms", "slide.vmu", "level0.dcm", "philips.tiff"):
         assert "napari-mupd" in {r.plugin_name for r in pm.iter_compatible_readers([name])}, name
     writers = {(w.command, ext) for w in manifest.contributions.writers for ext in w.filename_extensions}
     assert ("napari-mupd.write_ome_zarr", ".zarr") in writers

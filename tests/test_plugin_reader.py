@@ -94,3 +94,27 @@ def test_her2st_jpeg(make_napari_viewer, shared_data: Path, warnings_shown: list
     assert layer.metadata["format"] == "image" and not layer.metadata["mpp_known"]
     assert len(warnings_shown) == 1
     _assert_drawn(viewer, min_std=40)
+
+
+def test_dicom_folder_opens_as_a_calibrated_pyramid(make_napari_viewer, tmp_path: Path,
+                                                    warnings_shown: list[str]) -> None:
+    """A DICOM WSI written from the sample slide: the folder, or all its .dcm files at once, is one layer."""
+    import tiffslide
+
+    from dicom_wsi import write_dicom_wsi
+    from mupd.io.samples import sample_slide_path
+    from napari_mupd._reader import napari_get_reader
+
+    with tiffslide.TiffSlide(str(sample_slide_path())) as ts:
+        pixels = ts.read_region((0, 0), 0, ts.dimensions, as_array=True)
+    folder = tmp_path / "CMU-1-dicom"
+    files = [str(f) for f in write_dicom_wsi(folder, pixels, 0.499)]
+    viewer = make_napari_viewer(show=True)
+    layer = _single_rgb(_open(viewer, folder), "CMU-1-dicom")
+    assert layer.multiscale and [tuple(s[:2]) for s in layer.level_shapes][:2] == [(2967, 2220), (1484, 1110)]
+    np.testing.assert_allclose(layer.scale, (0.499, 0.499))
+    assert layer.metadata["format"] == "dicom" and layer.metadata["slide_path"] == str(folder)
+    assert warnings_shown == []
+    _assert_drawn(viewer, min_std=40)
+    read = napari_get_reader(files)  # napari's stack of every instance file of the slide
+    assert read is not None and len(read(files)) == 1

@@ -51,6 +51,21 @@ def check_level_size(path: Path, level: int, shape: Sequence[int], chunks: Seque
                          "corrupt or forged")
 
 
+def lazy_level(read: LevelReader, shape: Sequence[int], chunks: Sequence[int], dtype: np.dtype) -> da.Array:
+    """A dask (Y, X, C) level of `shape` whose (chunks[0], chunks[1]) blocks come from `read`, for
+    backends that hand out regions (a library's read_region) rather than an array."""
+    def grid(n: int, c: int) -> tuple[int, ...]:
+        return tuple(min(c, n - i) for i in range(0, n, c))
+
+    def block(block_info=None):
+        (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+        return read(y0, y1, x0, x1)
+
+    dtype = np.dtype(dtype)
+    blocks = (grid(int(shape[0]), int(chunks[0])), grid(int(shape[1]), int(chunks[1])), (int(shape[2]),))
+    return da.map_blocks(block, chunks=blocks, dtype=dtype, meta=np.empty((0, 0, 0), dtype))
+
+
 def as_mpp_pair(mpp: MppLike, what: str) -> Optional[tuple[float, float]]:
     """(x, y) um/px from a number or a pair; refuses zero, negative and non-finite sizes."""
     if mpp is None:

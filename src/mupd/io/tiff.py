@@ -22,7 +22,7 @@ import numpy as np
 import tifffile
 
 from ..errors import MuPDError, SlideError
-from .slide import MppLike, Slide, check_level_size
+from .slide import MppLike, Slide, check_level_size, lazy_level
 
 #: Strip-based pages (no tiles) are grouped into dask chunks of about this many rows.
 STRIP_CHUNK_ROWS = 512
@@ -102,7 +102,7 @@ def _build(ts, path: Path, user_mpp: MppLike) -> Slide:
             shape = composition["level_shapes"][i]
             check_level_size(path, i, shape, like.chunks, like.dtype, size)
             read = _composed_reader(ts, i, located, series.dtype)
-            levels.append(_lazy_level(read, shape, like))
+            levels.append(lazy_level(read, shape, like.chunks, like.dtype))
             readers.append(read)
             continue
         arr = group[str(i)]
@@ -201,19 +201,6 @@ def _composed_reader(ts, level: int, located: dict, dtype: np.dtype):
         return out
 
     return read
-
-
-def _lazy_level(read, shape: tuple[int, ...], like) -> da.Array:
-    """A dask (Y, X, 3) level of `shape` read block by block, chunked like the region array `like`."""
-    def grid(n: int, c: int) -> tuple[int, ...]:
-        return tuple(min(c, n - i) for i in range(0, n, c))
-
-    def block(block_info=None):
-        (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
-        return read(y0, y1, x0, x1)
-
-    chunks = (grid(shape[0], like.chunks[0]), grid(shape[1], like.chunks[1]), (3,))
-    return da.map_blocks(block, chunks=chunks, dtype=like.dtype, meta=np.empty((0, 0, 0), like.dtype))
 
 
 #: Inch-based resolution tags coarser than this (um/px) are screen/print DPI defaults, not a calibration.
