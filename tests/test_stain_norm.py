@@ -114,7 +114,7 @@ def test_image_to_image_on_a_region_is_seam_free(cmu):
 
 def test_refused_before_any_tile_is_read():
     pipe = model_pipeline()
-    slide = ArraySlide(np.full((256, 256, 3), 200, np.uint8), 1.0)
+    slide = ArraySlide(np.full((256, 256, 3), 235, np.uint8), 1.0)  # glass
     with pytest.raises(ConditionError, match="HER2 are marker maps"):
         RegionTranslator(pipe)(slide, ["HER2"], strength=0.5)
     with pytest.raises(ConditionError, match="region .* has 0 stained pixels"):
