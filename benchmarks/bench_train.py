@@ -1,7 +1,7 @@
 """Training throughput of the real MuPD pipeline, per model config, through the real Trainer.
 
 CPU: samples/s for `tiny` and `base` at a small batch, and `tiny` on cached latents of the
-project VAE (`resources/models/vae-tiny`, the latent cache `mupd train` builds), each as a ratio
+project VAE (`src/mupd/resources/models/vae-tiny`, the latent cache `mupd train` builds), each as a ratio
 to `tiny` on pixels measured in the same run (and, to show what the cache saves, with the VAE
 encoding every batch). GPU (when CUDA is present): bf16 with
 torch.compile off/on, and model FLOP utilisation (FLOPs of one training step, counted by
@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mupd.paths import RESOURCES
 from mupd.train.batches import Sample, collate, to_device
 from mupd.train.config import CheckpointSection, OptimSection
 from mupd.train.latents import LatentSamples, build_latent_cache
 from mupd.train.trainer import Trainer, step_generator
 
-VAE_TINY = Path(__file__).resolve().parents[1] / "resources" / "models" / "vae-tiny"
+VAE_TINY = RESOURCES / "models" / "vae-tiny"
 #: Dense bf16 peak (no sparsity) of GPUs we expect, for MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 

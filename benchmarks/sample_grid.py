@@ -7,7 +7,7 @@ spot's log1p(CPM) of the marker gene divided by the training store's per-marker 
 scale the training targets used), painted over the 100 um spot footprint; predicted maps are
 the one-step readout. Held-out spots come from HER2ST section B4 (patient B, never trained on).
 
-    .venv/bin/python benchmarks/sample_grid.py --model resources/models/mupd-tiny --out docs/samples.png
+    .venv/bin/python benchmarks/sample_grid.py --model src/mupd/resources/models/mupd-tiny --out docs/samples.png
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def pick_spots(depth_order: np.ndarray, n: int) -> list[int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "resources/models/mupd-tiny"))
+    parser.add_argument("--model", default=str(ROOT / "src/mupd/resources/models/mupd-tiny"))
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data"),
                         help="data root holding st/her2st")
     parser.add_argument("--reference", default=str(ROOT / "stores/her2st-C.reference.json"),

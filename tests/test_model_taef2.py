@@ -109,4 +109,4 @@ def test_unknown_autoencoder_class_is_named(tmp_path):
 
 def test_bundled_models_fit_the_40_mb_budget():
     total = sum(p.stat().st_size for p in (RESOURCES / "models").rglob("*") if p.is_file())
-    assert total < 40e6, f"resources/models holds {total / 1e6:.1f} MB"
+    assert total < 40e6, f"src/mupd/resources/models holds {total / 1e6:.1f} MB"

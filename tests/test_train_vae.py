@@ -249,15 +249,15 @@ def test_crop_training_sees_seeded_random_windows_and_refuses_a_bad_crop(he_stor
 
 
 def test_bundled_vae_folder_loads_and_codes_real_he():
-    """resources/models/vae-tiny (trained on stores/he-all, which includes this CMU slide: a check
+    """The bundled vae-tiny (trained on stores/he-all, which includes this CMU slide: a check
     of the committed artifact, not a held-out number; those are in its model card) loads as a
     codec, gives normalised latents and reconstructs far better than the tile's mean colour."""
     from mupd.data.tiling import read_tiles, tile_grid
     from mupd.io.samples import sample_slide_path
     from mupd.io.reader import open_slide
+    from mupd.paths import RESOURCES
 
-    folder = Path(__file__).resolve().parents[1] / "resources" / "models" / "vae-tiny"
-    codec = build_codec({"type": "vae", "path": str(folder)})
+    codec = build_codec({"type": "vae", "path": str(RESOURCES / "models" / "vae-tiny")})
     assert (codec.downsample, codec.latent_channels) == (4, 4)
     slide = open_slide(sample_slide_path())
     _, tiles = read_tiles(slide, tile_grid(slide, 1.0, 128), limit=6)

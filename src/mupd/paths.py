@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 
 import platformdirs
 
-#: `resources/` beside `src/` in a checkout (the install is editable); override with MUPD_RESOURCES.
-RESOURCES = Path(os.environ.get("MUPD_RESOURCES", Path(__file__).resolve().parents[2] / "resources"))
+#: Package data of `mupd` (stain catalogue, RNA panels, bundled models), so that an editable
+#: install, `pip install .` and a wheel find the same files; MUPD_RESOURCES points elsewhere.
+RESOURCES = Path(os.environ.get("MUPD_RESOURCES") or files("mupd") / "resources")
 STAIN_CATALOGUE = RESOURCES / "stains.json"
 DEFAULT_MODEL = RESOURCES / "models" / "mupd-tiny"
 

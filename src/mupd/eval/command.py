@@ -38,9 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def default_data_root() -> Path:
-    from ..paths import RESOURCES
-
-    return RESOURCES.parent.parent / "shared" / "data"
+    """`../shared/data` beside a checkout (src/mupd/eval/command.py -> the checkout's parent)."""
+    return Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 def run(args: argparse.Namespace) -> int:

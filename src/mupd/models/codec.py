@@ -6,7 +6,7 @@ Two codecs behind one interface (`encode`, `decode`, `latent_channels`, `downsam
 - `VAECodec`: a local diffusers autoencoder folder, honouring its `scaling_factor` and
   `shift_factor`: latents = (z - shift) * scale. Either an `AutoencoderKL` (SD, SD3, FLUX
   style; encoding takes the posterior mode, so it is deterministic) or the pretrained `TAEF2`
-  (`taef2.py`, bundled as `resources/models/taef2`), told apart by the folder's `_class_name`.
+  (`taef2.py`, bundled as `src/mupd/resources/models/taef2`), told apart by the folder's `_class_name`.
 Marker targets are grey images: the map m in [0, 1] becomes 2m - 1 on all three channels, and
 decoding averages the three channels back into one map in [0, 1]. They go through the image codec
 or (model config `marker_codec: area`) through `AreaCodec`, a linear code beside it.

@@ -56,7 +56,7 @@ class ModelConfig:
     text_dim: Optional[int] = None  # None: the encoder's hidden size
     rna_panel: Any = None  # None: the built-in panel; or a .json/.npy/.txt path, or a gene list
     rna_group_size: int = 8
-    catalogue: Optional[str] = None  # None: resources/stains.json
+    catalogue: Optional[str] = None  # None: src/mupd/resources/stains.json
     dropout: dict[str, float] = field(default_factory=lambda: {"text": 0.1, "rna": 0.1,
                                                                "reference": 0.1})
     time_shift: float = 1.0  # sampling schedule shift (>1 spends more steps near noise)
