@@ -139,7 +139,7 @@ class TranslatePanel(QWidget):
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setToolTip("predicted read-outs over each region's cells (not a measured stain): "
                               "% of cells at or above the marker's positivity threshold, H-score "
-                              "= 1 x %1+ + 2 x %2+ + 3 x %3+ (bins in resources/stains.json)")
+                              "= 1 x %1+ + 2 x %2+ + 3 x %3+ (bins in the stain catalogue, mupd/resources/stains.json)")
         self.export_folder = FileEdit(label="scores folder", mode="d")
         self.export_button = PushButton(text="Export scores (CSV + QuPath GeoJSON)", enabled=False)
         self.export_form = Container(widgets=[self.export_folder, self.export_button])

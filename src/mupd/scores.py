@@ -6,7 +6,7 @@ number the `IHC-<marker>` rendering stains it with. From those levels, per regio
 
 - **mean predicted level**: the mean of the cells' levels;
 - **predicted % positive**: 100 x the fraction of cells with level >= the marker's
-  `positivity_threshold` (the catalogue's, `resources/stains.json`);
+  `positivity_threshold` (the catalogue's, `src/mupd/resources/stains.json`);
 - **predicted H-score** (0-300): 1 x % weak (1+) + 2 x % moderate (2+) + 3 x % strong (3+),
   a positive cell being weak from the threshold, moderate from `intensity_bins[0]` and strong
   from `intensity_bins[1]` (the catalogue's, default 0.5 and 0.7). Every percentage is of all

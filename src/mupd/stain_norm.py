@@ -8,7 +8,7 @@ map itself is applied here with fixed parameters because torchstain re-estimates
 every call: fitted per tile, two overlapping tiles would get different colours and the blend
 would show seams. So: fit once on a preview of the whole region, then the same map on every tile.
 
-The default reference (`resources/stain_reference.json`) is the training sections' own stain
+The default reference (`src/mupd/resources/stain_reference.json`) is the training sections' own stain
 (HER2ST patient C, written by `python -m mupd.stain_norm`); any H&E image can serve instead.
 """
 
