@@ -6,6 +6,7 @@ one), the rest runs in process with a model-free stand-in (TileContextPipeline).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -30,7 +31,7 @@ from mupd.io.atomic import owner_tag
 from test_server_support import free_port
 from test_slides_support import TileContextPipeline, cmu_slide_path, model_folder
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = pytest.mark.timeout(900)  # 4 model-loading processes: ~2 min on 2 idle cores
 
 #: Level-0 boxes of the CMU slide (0.499 um/px), all on tissue: 4 tiles each at 1 um/px.
 CROPS = {"cmu-a": (900, 900, 400, 300), "cmu-b": (1200, 1500, 300, 360),
@@ -63,6 +64,26 @@ def _env() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
 
 
+def _launch(args: list[str], **popen) -> subprocess.Popen:
+    """`python ARGS` in a session of its own, so `_stop` ends torchrun's workers with it."""
+    return subprocess.Popen([sys.executable, *args], env=_env(), start_new_session=True, **popen)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    proc = _launch(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:  # also when the test times out: no process outlives it
+        _stop(proc)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
 def _stain_args(folder: Path, out: Path, model: str) -> list[str]:
     return ["-m", "mupd.cli", "stain", str(folder), "--stains", *STAINS, "--out", str(out),
             "--model", model, "--device", "cpu"]
@@ -83,16 +104,16 @@ def test_killed_run_resumes_and_two_processes_equal_one(cohort, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
 
     # 1 process, killed (SIGKILL: no clean-up of its own) once the first slide is finished
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, *_stain_args(cohort, one, model)], stdout=log,
-                            stderr=subprocess.STDOUT, env=_env())
-    deadline = time.monotonic() + 240
-    while not (one / "cmu-a" / SUMMARY).exists():
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    log.close()
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = _launch(_stain_args(cohort, one, model), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while not (one / "cmu-a" / SUMMARY).exists():
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    (tmp_path / "killed.log").read_text()
+                time.sleep(0.02)
+        finally:
+            _stop(proc)
     assert not (one / "cmu-c" / SUMMARY).exists()  # killed before the last slide
     finished = {p: p.stat().st_mtime_ns for p in [one / "cmu-a", *(one / "cmu-a").rglob("*")]}
     # and a half-written output of cmu-c, as the dead run would have left it mid-write
@@ -101,8 +122,7 @@ def test_killed_run_resumes_and_two_processes_equal_one(cohort, tmp_path):
     (partial / "Ki67.ome.zarr").mkdir(parents=True)
     (partial / "Ki67.ome.zarr" / "zarr.json").write_text("{")
 
-    resumed = subprocess.run([sys.executable, *_stain_args(cohort, one, model)],
-                             capture_output=True, text=True, env=_env(), timeout=300)
+    resumed = _run(_stain_args(cohort, one, model))
     assert resumed.returncode == 1, resumed.stderr[-3000:]  # not-a-slide.tif failed
     out = resumed.stdout
     assert "cmu-a: skipped, finished earlier" in out and "cmu-a: staining" not in out
@@ -125,10 +145,8 @@ def test_killed_run_resumes_and_two_processes_equal_one(cohort, tmp_path):
 
     # 2 processes under torchrun: each takes every 2nd slide of the sorted list
     port = str(free_port())
-    proc2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                            "--master_addr", "127.0.0.1", "--master_port", port,
-                            *_stain_args(cohort, two, model)],
-                           capture_output=True, text=True, env=_env(), timeout=300)
+    proc2 = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                  "127.0.0.1", "--master_port", port, *_stain_args(cohort, two, model)])
     assert proc2.returncode == 1, proc2.stderr[-3000:]
     for rank, names in ((0, ["cmu-a", "cmu-c"]), (1, ["cmu-b", "not-a-slide"])):
         for name in names:
@@ -156,7 +174,7 @@ def test_killed_run_resumes_and_two_processes_equal_one(cohort, tmp_path):
         assert np.array_equal(data, _layers(one / "cmu-b")[layer]), layer
 
 
-def _run(args: list[str], capsys) -> tuple[int, str]:
+def _refused(args: list[str], capsys) -> tuple[int, str]:
     code = main(["stain", *args, "--stains", "Ki67", "--model", "/nonexistent/model"])
     return code, capsys.readouterr().err
 
@@ -165,28 +183,28 @@ def test_bad_inputs_are_refused_before_the_model_loads(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "README.md").write_text("slides come later")
-    code, err = _run([str(empty), "--out", str(tmp_path / "o1")], capsys)
+    code, err = _refused([str(empty), "--out", str(tmp_path / "o1")], capsys)
     assert code == 2 and "holds no slide" in err and str(empty) in err
 
     a, b = _write_crops(tmp_path / "a", ["cmu-a"]), tmp_path / "b"
     b.mkdir()
     shutil.copy(a / "cmu-a.ome.tif", b / "cmu-a.tif")
-    code, err = _run([str(a), str(b), "--out", str(tmp_path / "o2")], capsys)
+    code, err = _refused([str(a), str(b), "--out", str(tmp_path / "o2")], capsys)
     assert code == 2 and "'cmu-a'" in err and str(a / "cmu-a.ome.tif") in err and str(b / "cmu-a.tif") in err
 
     listing = tmp_path / "cohort.txt"
     listing.write_text(f"# batch 1\n{a / 'cmu-a.ome.tif'}\n\nnotes.md\n")
     (tmp_path / "notes.md").write_text("x")
-    code, err = _run([str(listing), "--out", str(tmp_path / "o3")], capsys)
+    code, err = _refused([str(listing), "--out", str(tmp_path / "o3")], capsys)
     assert code == 2 and "line 4 of" in err and "is not a slide" in err
 
-    code, err = _run([str(a), "--box", "0", "0", "10", "10", "--out", str(tmp_path / "o4")], capsys)
+    code, err = _refused([str(a), "--box", "0", "0", "10", "10", "--out", str(tmp_path / "o4")], capsys)
     assert code == 2 and "--box" in err and "stained whole" in err
 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "results.xlsx").write_text("user data")
-    code, err = _run([str(a), "--out", str(mine)], capsys)
+    code, err = _refused([str(a), "--out", str(mine)], capsys)
     assert code == 2 and "no mupd stain cohort" in err
     assert [p.name for p in mine.iterdir()] == ["results.xlsx"]
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
