@@ -314,15 +314,6 @@ class RegionPlan:
     #: fitted once on a preview of the whole region, applied to every tile (mupd.stain_norm)
     stain_norm: Optional[Any] = None
 
-    def region_shape(self) -> Any:
-        """The region as a shapely geometry in level-0 pixels (holes cut out)."""
-        from shapely.geometry import Polygon, box
-
-        if self.polygon is None:
-            x, y, w, h = self.box
-            return box(x, y, x + w, y + h)
-        return Polygon(self.polygon, list(self.holes)).buffer(0)
-
     @property
     def n_tiles(self) -> int:
         return sum(len(b) for b in self.batches)
@@ -446,7 +437,7 @@ class RegionTranslator:
         if polygon is not None:
             ring = tuple((float(px), float(py)) for px, py in polygon)
             holes_ = tuple(tuple((float(px), float(py)) for px, py in h) for h in holes)
-            outside = _tiles_outside(ring, holes_, origins, T, x0, y0, factor)
+            outside = _tiles_outside(region_geometry(ring, holes_), origins, T, x0, y0, factor)
         normalization = None
         if stain_norm is not None:
             f = max(factor, max(w, h) / PREVIEW_SIDE)
@@ -604,7 +595,7 @@ class RegionTranslator:
                    if l.name in by_name and by_name[l.name].kind == "marker"]
         source = _Normalised(sums.source.sum, sums.weight.sum)
         maps, outs = [], []
-        data = {l.name: l.data for l in layers}
+        blended = {l.name: l.data for l in layers}
         for target in markers:
             if sums.on_disk:
                 import zarr
@@ -616,19 +607,21 @@ class RegionTranslator:
                 values = _Normalised(sums.outputs[target.name].sum, sums.weight.sum)
             else:
                 outs.append(np.empty(plan.out_shape + (3,), dtype=np.uint8))
-                values = data[target.name]
+                values = blended[target.name]
             maps.append(MarkerMap(target.name, values, compartment_of(target), threshold_of(target)))
-        region = plan.region_shape()
         x0, y0 = plan.box[0], plan.box[1]
-
-        def in_region(xy: np.ndarray) -> np.ndarray:  # image pixel-edge (x, y) -> level 0
+        keep = None
+        if plan.polygon is not None:  # a box's cells are all in it
             import shapely
 
-            return shapely.contains_xy(region, x0 + xy[:, 0] * plan.factor, y0 + xy[:, 1] * plan.factor)
+            region = region_geometry(plan.polygon, plan.holes)
+
+            def keep(xy: np.ndarray) -> np.ndarray:  # image pixel-edge (x, y) -> level 0
+                return shapely.contains_xy(region, x0 + xy[:, 0] * plan.factor,
+                                           y0 + xy[:, 1] * plan.factor)
 
         rendered, cells = render_ihc_cells(source if sums.on_disk else source[:, :], maps,
-                                           plan.out_mpp, outs,
-                                           keep=in_region if plan.polygon is not None else None)
+                                           plan.out_mpp, outs, keep=keep)
         cells = cells.placed(plan.factor, (x0, y0))
         renderings = {m.name: (m, data) for m, data in zip(maps, rendered)}
         out = []
@@ -666,18 +659,23 @@ class _Normalised:
         return (s / w).clip(0, 1).astype(np.float32)
 
 
-def _tiles_outside(polygon: Sequence[tuple[float, float]], holes: Sequence[Sequence[tuple[float, float]]],
-                   origins: list[tuple[int, int]], tile: int, x0: int, y0: int,
+def region_geometry(polygon: Sequence[tuple[float, float]],
+                    holes: Sequence[Sequence[tuple[float, float]]] = ()) -> Any:
+    """A region's polygon less its holes, as one valid shapely geometry (level-0 pixels)."""
+    from shapely.geometry import Polygon
+
+    return Polygon(polygon, [list(h) for h in holes]).buffer(0)
+
+
+def _tiles_outside(region: Any, origins: list[tuple[int, int]], tile: int, x0: int, y0: int,
                    factor: float) -> frozenset:
-    """Origins of tiles whose footprint misses the ROI polygon less its holes (level-0 points)."""
-    from shapely.geometry import Polygon, box
+    """Origins of tiles whose footprint misses the region (`region_geometry`, level-0 pixels)."""
+    from shapely.geometry import box
 
-    def local(ring: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-        return [((px - x0) / factor, (py - y0) / factor) for px, py in ring]
+    def footprint(oy: int, ox: int) -> Any:
+        return box(x0 + ox * factor, y0 + oy * factor, x0 + (ox + tile) * factor, y0 + (oy + tile) * factor)
 
-    shape = Polygon(local(polygon), [local(h) for h in holes]).buffer(0)
-    return frozenset((oy, ox) for oy, ox in origins
-                     if not shape.intersects(box(ox, oy, ox + tile, oy + tile)))
+    return frozenset((oy, ox) for oy, ox in origins if not region.intersects(footprint(oy, ox)))
 
 
 def _batched(items: list, n: int) -> Iterator[list]:
