@@ -101,7 +101,8 @@ def test_whole_small_slide_with_given_mpp(shared_data, model, tmp_path):
                  "--model", model, "--device", "cpu"]) == 0
     he = open_slide(out / "HandE.ome.zarr")
     assert he.dimensions == (500, 500) and he.mpp == pytest.approx((1.0, 1.0))
-    assert {p.name for p in out.iterdir()} == {"HandE.ome.zarr", "CD45.ome.zarr", "IHC-CD45.ome.zarr"}
+    assert {p.name for p in out.iterdir()} == {"HandE.ome.zarr", "CD45.ome.zarr", "IHC-CD45.ome.zarr",
+                                                "scores-CD45.geojson", "scores.csv"}
 
 
 def test_existing_output_is_refused_untouched(cmu, tmp_path, capsys):

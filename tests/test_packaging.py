@@ -177,6 +177,7 @@ def test_installed_cli_stains_the_sample_slide_with_the_bundled_model(installed)
                            "--box", *BOX, "--out", str(out), "--device", "cpu"],
                           cwd=work, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["IHC-Ki67.ome.zarr", "Ki67.ome.zarr"]
+    assert sorted(p.name for p in out.iterdir()) == ["IHC-Ki67.ome.zarr", "Ki67.ome.zarr",
+                                                     "scores-Ki67.geojson", "scores.csv"]
     marker = open_slide(out / "Ki67.ome.zarr")
     assert marker.channel_names == ["Ki67"] and marker.dimensions == (150, 130)  # 300 x 260 px at 0.499 um

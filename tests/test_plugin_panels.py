@@ -367,7 +367,7 @@ def test_translate_panel_against_a_real_server(make_napari_viewer, qtbot, slide_
         wait_task(qtbot, task)
         assert task.error is None, errors
         (remote_layer,) = [l for l in viewer.layers if l.metadata.get("mupd_result")]
-        (polygon,) = [p for _, p in panel.regions(slide)]
+        (polygon,) = [r.polygon for r in panel.regions(slide)]
         assert polygon == [(500, 600), (1012, 600), (1012, 1112), (500, 1112)]
         local = make_local_engine().translate(TranslateRequest(
             slide_path=str(slide_path), stains=["HER2"], polygon=polygon, render_brightfield=False))

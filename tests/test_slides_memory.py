@@ -46,4 +46,5 @@ def test_her2st_section_region_stays_under_4_gb(shared_data, tmp_path):
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"HER2ST C2 region 2400x2400 px: {stats['seconds']:.1f} s, peak RSS {stats['peak_rss_mb']:.0f} MB")
     assert stats["code"] == 0 and stats["peak_rss_mb"] < RSS_LIMIT_MB
-    assert {p.name for p in out.iterdir()} == {"Ki67.ome.zarr", "IHC-Ki67.ome.zarr"}
+    assert {p.name for p in out.iterdir()} == {"Ki67.ome.zarr", "IHC-Ki67.ome.zarr", "scores-Ki67.geojson",
+                                               "scores.csv"}

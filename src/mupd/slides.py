@@ -513,7 +513,8 @@ class RegionTranslator:
                 outputs = self.pipeline.translate(
                     tiles[keep], [t.name for t in plan.targets], steps=steps, guidance=guidance,
                     seed=seed, batch_size=self.batch_size,
-                    positions=[o for o, k in zip(batch, keep) if k], strength=strength, prompt=prompt,
+                    positions=[o for o, k in zip(batch, keep) if k],
+                    **({} if strength is None else {"strength": strength, "prompt": prompt}),
                 )
             kept_index = np.cumsum(keep) - 1
             for name, a in sums.outputs.items():
