@@ -76,7 +76,8 @@ def test_rendered_ihc_keeps_source_hematoxylin_at_zero_shift(translated):
 def test_written_ome_zarr_carries_placement_channels_and_provenance(translated, tmp_path):
     slide, result = translated
     out = write_translation(result, tmp_path / "out", source=str(slide.path))
-    assert sorted(p.name for p in out.iterdir()) == ["HandE.ome.zarr", "IHC-Ki67.ome.zarr", "Ki67.ome.zarr"]
+    assert sorted(p.name for p in out.iterdir()) == ["HandE.ome.zarr", "IHC-Ki67.ome.zarr", "Ki67.ome.zarr",
+                                                 "scores-Ki67.geojson", "scores.csv"]
     ki67 = dict(zarr.open_group(str(out / "Ki67.ome.zarr"), mode="r").attrs)
     ms = ki67["ome"]["multiscales"][0]["datasets"]
     for i, ds in enumerate(ms):
