@@ -157,3 +157,45 @@ def test_unknown_marker_is_a_clear_error(shared_data, tmp_path):
     settings = EvalSettings(data_root=shared_data, quick=True, markers=("HER3",))
     with pytest.raises(DataError, match="HER3"):
         run_evaluation(None, tmp_path, settings)
+
+
+class GuidanceRecorder(HematoxylinPipeline):
+    """Records the guidance each call receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.translate_guidance = []
+
+    def translate(self, tiles, stains, steps=1, seed=0, batch_size=16, guidance=None):
+        self.translate_guidance.append(guidance)
+        return super().translate(tiles, stains, steps, seed, batch_size)
+
+    def generate(self, text=None, rna=None, stain="H&E", num_images=1, steps=20, guidance=None, seed=0):
+        tiles = super().generate(text, rna, stain, num_images, steps, None, seed)
+        self.generate_calls[-1]["guidance"] = guidance
+        return tiles
+
+
+def test_validation_scores_a_left_out_training_section_with_given_guidance(shared_data, tmp_path):
+    pipe = GuidanceRecorder()
+    settings = EvalSettings(data_root=shared_data, quick=True, seeds=(0,), train_spots=12, heldout_spots=16,
+                            tasks=("markers", "rna", "text"), validate="C6",
+                            guidance={"source": 1.5, "rna": 2.0, "text": 4.0})
+    results = run_evaluation(pipe, tmp_path, settings)
+    split = results["split"]
+    assert split["validation"] and split["heldout"] == ["C6"] and "C6" not in split["train"]
+    assert set(results["markers"]["sections"]) == {"C6"}  # B4 / A1 never read
+    assert pipe.translate_guidance and all(g == {"source": 1.5} for g in pipe.translate_guidance)
+    seen = {(c["text"] is not None, c["rna"] is not None): c["guidance"] for c in pipe.generate_calls}
+    assert seen[(False, True)] == {"rna": 2.0} and seen[(True, False)] == {"text": 4.0}
+    assert seen[(False, False)] is None  # unconditional tiles carry no guidance
+    md = (tmp_path / "quality.md").read_text()
+    assert md.startswith("# MuPD validation report") and "validation C6" in md and "held-out B4" not in md
+    assert "Guidance: source 1.5, rna 2, text 4" in md
+
+
+def test_validation_section_must_be_a_training_section(shared_data, capsys):
+    with pytest.raises(DataError, match="B4.*C2"):
+        EvalSettings(data_root=shared_data, validate="B4")
+    assert main(["eval", "--baselines-only", "--guidance", "rna:2", "--data", str(shared_data)]) == 2
+    assert "MODALITY=SCALE" in capsys.readouterr().err

@@ -33,6 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stain-norm", choices=("none", "macenko", "reinhard"), default="none",
                    help="the model reads the tiles normalised per section onto the training stain "
                         "(baselines read them as they are)")
+    p.add_argument("--validate", default=None, metavar="SECTION",
+                   help="score this patient-C section instead of the held-out test (for a model whose "
+                        "recipe left it out, e.g. resources/configs/mupd-tiny-val.yaml and C6): choose "
+                        "settings here, never on B4 / A1")
+    p.add_argument("--guidance", nargs="+", default=None, metavar="MODALITY=W",
+                   help="guidance scales, e.g. source=1.5 rna=2 text=2 (default: the model as trained)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing quality.md")
     p.set_defaults(func=run)
 
@@ -45,6 +51,7 @@ def default_data_root() -> Path:
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConditionError, DataError
     from ..commands.console import ConsoleProgress
+    from ..commands.generate import parse_guidance
     from .run import EvalSettings, run_evaluation
 
     data = Path(args.data) if args.data else default_data_root()
@@ -53,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     settings = EvalSettings(data_root=data, seeds=tuple(args.seeds), quick=args.quick,
                             encoder=args.encoder, overwrite=args.overwrite,
                             markers=tuple(args.markers) if args.markers else None,
-                            stain_norm=args.stain_norm)
+                            stain_norm=args.stain_norm, validate=args.validate,
+                            guidance=parse_guidance(args.guidance) if args.guidance else None)
     if args.tasks:
         settings.tasks = tuple(dict.fromkeys(args.tasks))
     if args.prompt_template is not None:

@@ -54,6 +54,11 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     return out / "quality.md"
 
 
+def _scored(r: dict[str, Any]) -> str:
+    """What the report scores, in words: "held-out B4" or "validation C6"."""
+    return f"{'validation' if r['split'].get('validation') else 'held-out'} {r['split']['primary_heldout']}"
+
+
 def _figures(results: dict[str, Any], out: Path) -> dict[str, str]:
     paths = {}
     if "markers" in results:
@@ -65,10 +70,10 @@ def _figures(results: dict[str, Any], out: Path) -> dict[str, str]:
             {"ground truth: real tile of the spot": rna.get("real (same spots)", []),
              "MuPD from the spot's RNA": rna.get("MuPD (RNA)", []),
              "MuPD unconditional (baseline)": rna.get("MuPD (unconditional)", [])},
-            "RNA -> H&E on held-out B4 spots", out / "fig-rna-to-he.png")
+            f"RNA -> H&E on {_scored(results)} spots", out / "fig-rna-to-he.png")
     text = results.get("text_to_he", {}).get("_examples")
     if text:
-        paths["text_to_he"] = tile_grid_figure(dict(text), "text -> H&E: real held-out B4 tiles "
+        paths["text_to_he"] = tile_grid_figure(dict(text), f"text -> H&E: real {_scored(results)} tiles "
                                                "of each class, MuPD tiles for its prompt\n"
                                                f"({results['text_to_he']['prompt_template']})",
                                                out / "fig-text-to-he.png")
@@ -81,13 +86,14 @@ def render_markdown(r: dict[str, Any], figures: dict[str, str]) -> str:
     has_model = r["model"] is not None
     seeds = ", ".join(map(str, r["seeds"]))
     lines = [
-        "# MuPD quality report",
+        "# MuPD validation report (a training patient's left-out section, not a held-out test)"
+        if r["split"].get("validation") else "# MuPD quality report",
         "",
         f"- Model: `{r['model']}`" if has_model else "- Model: none (baselines, floors and scorer ceilings only)",
         f"- Run: {'QUICK (reduced spots/tiles: smoke numbers, not results)' if r['quick'] else 'full'}; "
         f"{r['seconds']} s",
         f"- Split: {r['split']['rule']}. Train sections {', '.join(r['split']['train'])}; "
-        f"held out {', '.join(r['split']['heldout'])} (primary {r['split']['primary_heldout']}).",
+        f"scored {', '.join(r['split']['heldout'])} (primary {r['split']['primary_heldout']}).",
         f"- Tiles: {r['tile_size']} px at {r['mpp']} um/px, centred on spots; each section is resampled "
         "from its own mpp (measured from the 200 um spot pitch) to this one.",
         f"- Seeds: {seeds}. Mean ± std over seeds; deterministic methods (ridge, training mean, "
@@ -105,13 +111,16 @@ def render_markdown(r: dict[str, Any], figures: dict[str, str]) -> str:
         lines[-1:-1] = [f"- Stain normalisation: the model read every tile after `{r['stain_norm']}` "
                         "normalisation onto the training stain, fitted per section "
                         "(`mupd.stain_norm`); the baselines read the tiles as they are."]
+    if r.get("guidance"):
+        lines[-1:-1] = ["- Guidance: " + ", ".join(f"{k} {w:g}" for k, w in r["guidance"].items())
+                        + " on every translate / generate call (1 = the model as trained)."]
     if r.get("tasks") and len(r["tasks"]) < 4:
         lines[-1:-1] = [f"- Tasks: {', '.join(r['tasks'])} only (a partial report)."]
     lines += _summary_md(r, has_model)
     for key, part in (("markers", _markers_md), ("rna_to_he", _rna_md), ("text_to_he", _text_md),
                       ("augmentation", _augment_md)):
         if key in r:
-            lines += part(r[key], has_model)
+            lines += part(r[key], has_model, _scored(r))
     lines += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
     return "\n".join(lines)
 
@@ -157,12 +166,12 @@ def fmt_kid(value: Any) -> str:
     return fmt(value)
 
 
-def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
+def _markers_md(m: dict[str, Any], has_model: bool, scored: str) -> list[str]:
     learned = _learned(m)
     methods = (["MuPD"] if has_model else []) + learned + ["hematoxylin density", "training-mean"]
     cnn = [k for k in learned if k != "ridge"]
     lines = [
-        "## 1. Virtual marker staining (held-out spots)",
+        f"## 1. Virtual marker staining ({scored} spots)",
         "",
         "Spot level: Pearson r per marker between the prediction (MuPD: marker map averaged over "
         "the 100 um spot footprint) and log1p(CPM) of the marker's gene. The training-mean "
@@ -226,7 +235,7 @@ def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
         "Brackets: 95% block-bootstrap interval (whole 3x3-spot, 600 um blocks resampled; "
         "MuPD's from its prediction averaged over seeds).",
         "",
-        "Slide level (our definition): per held-out section, Pearson r across the markers between "
+        "Slide level (our definition): per scored section, Pearson r across the markers between "
         "the predicted and measured deviation of the section from the training patient (mean "
         "prediction on the section minus on training spots, vs pseudo-bulk log1p CPM of the "
         "section minus of the training spots, both over the training std of the gene). It rests "
@@ -240,7 +249,7 @@ def _markers_md(m: dict[str, Any], has_model: bool) -> list[str]:
     return lines
 
 
-def _rna_md(g: dict[str, Any], has_model: bool) -> list[str]:
+def _rna_md(g: dict[str, Any], has_model: bool, scored: str) -> list[str]:
     spaces = list(g["fd"])
     kids = g.get("kid", {})
     columns = [(s, kind) for s in spaces for kind in (("fd", "kid") if s in kids else ("fd",))]
@@ -248,10 +257,10 @@ def _rna_md(g: dict[str, Any], has_model: bool) -> list[str]:
               for s, kind in columns]
     n_seeds = len(g["seeds"])
     lines = [
-        "## 2. RNA -> H&E (held-out B4)",
+        f"## 2. RNA -> H&E ({scored})",
         "",
         f"Distances to one half of the real held-out tiles: **{g['n_per_set']} tiles per set** "
-        f"(two disjoint halves of {g.get('n_heldout_tiles', 'the')} held-out B4 tiles, redrawn per "
+        f"(two disjoint halves of {g.get('n_heldout_tiles', 'the')} {scored} tiles, redrawn per "
         f"seed, mean ± std over {n_seeds} seeds); the other half is the real-vs-real floor. Lower is "
         "better; a generator cannot be expected to go below the floor.",
         "",
@@ -287,17 +296,17 @@ def _rna_md(g: dict[str, Any], has_model: bool) -> list[str]:
     return lines
 
 
-def _text_md(t: dict[str, Any], has_model: bool) -> list[str]:
+def _text_md(t: dict[str, Any], has_model: bool, scored: str) -> list[str]:
     lines = [
         "## 3. Text -> H&E",
         "",
         f"Prompts: `{t['prompt_template']}` with level high / low; {t['n_per_prompt']} tiles per "
         "prompt and seed. A logistic scorer per attribute (trained on training tiles, labels: gene "
         "above / below its section median) classifies each generated tile; agreement is the "
-        "fraction classified as prompted (chance 0.5). The scorer's balanced accuracy on held-out "
+        "fraction classified as prompted (chance 0.5). The scorer's balanced accuracy on " + scored + " "
         "real tiles bounds what this measurement can see.",
         "",
-        "| attribute (gene) | scorer on real held-out tiles | agreement high | agreement low | mean |",
+        f"| attribute (gene) | scorer on real {scored} tiles | agreement high | agreement low | mean |",
         "|---|---|---|---|---|",
     ]
     for marker, e in t["attributes"].items():
@@ -309,14 +318,14 @@ def _text_md(t: dict[str, Any], has_model: bool) -> list[str]:
     return lines + [""]
 
 
-def _augment_md(a: dict[str, Any], has_model: bool) -> list[str]:
+def _augment_md(a: dict[str, Any], has_model: bool, scored: str) -> list[str]:
     lines = [
         "## 4. Synthetic augmentation",
         "",
         f"{a['marker']} ({a['gene']}) high vs low (section-wise top vs bottom third), "
         f"{a['shots_per_class']} real training tiles per class, plus {a['synthetic_per_class']} "
         f"MuPD tiles per class generated from other training spots' RNA. Balanced accuracy on "
-        f"{a['n_test']} held-out B4 spots, chance {a['chance']}.",
+        f"{a['n_test']} {scored} spots, chance {a['chance']}.",
         "",
         "| classifier | balanced accuracy |", "|---|---|",
     ] + [f"| {k} | {fmt(v)} |" for k, v in a["balanced_accuracy"].items()]

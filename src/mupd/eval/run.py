@@ -48,6 +48,12 @@ class EvalSettings:
     # The model's input tiles normalised per section onto the training stain (mupd.stain_norm);
     # the baselines keep the tiles as they are, so they stay the same bar.
     stain_norm: Optional[str] = None
+    # Validation instead of the held-out test: score one patient-C section that the model did not
+    # train on (resources/configs/mupd-tiny-val.yaml leaves out C6); baselines fit on the other
+    # C sections. Settings (guidance, stain normalisation) are chosen here, never on B4 / A1.
+    validate: Optional[str] = None
+    # Guidance scales per modality ("source", "rna", "text"), passed to every translate/generate.
+    guidance: Optional[dict[str, float]] = None
     # Sizes; `quick` replaces the None/defaults with small ones.
     train_spots: Optional[int] = None  # per section; None: all
     heldout_spots: Optional[int] = None
@@ -68,6 +74,18 @@ class EvalSettings:
         if unknown or not self.tasks:
             raise DataError(f"evaluation tasks {unknown or '(none)'} unknown; choose from {', '.join(TASKS)}")
         self.stain_norm = check_method(self.stain_norm)
+        if self.validate is not None and self.validate not in TRAIN_SECTIONS:
+            raise DataError(f"validation section {self.validate!r} is not a training-patient section; "
+                            f"choose from {', '.join(TRAIN_SECTIONS)}")
+
+    def split(self) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+        """(fitting sections, scored sections, the rule in words)."""
+        if self.validate is None:
+            return TRAIN_SECTIONS, HELDOUT_SECTIONS, "patient-level: patient C trains; patients B and A never seen"
+        fit = tuple(s for s in TRAIN_SECTIONS if s != self.validate)
+        return fit, (self.validate,), (f"validation, not a held-out test: section {self.validate} of the training "
+                                       f"patient C, left out of the model's training (its recipe must not "
+                                       f"read it); baselines fit on {', '.join(fit)}")
         if self.quick:
             self.train_spots = self.train_spots or 40
             self.heldout_spots = self.heldout_spots or 24
@@ -87,6 +105,8 @@ def run_evaluation(model: Any, out: Path | str, settings: EvalSettings,
         raise OutputExistsError(f"{out / 'quality.md'} exists; pass --overwrite to replace it")
     start = time.perf_counter()
     pipeline, model_name = _load(model)
+    if pipeline is not None and settings.guidance:
+        pipeline = Guided(pipeline, settings.guidance)
     tile_size = int(pipeline.tile_size) if pipeline is not None else BASELINE_TILE_SIZE
     mpp = float(pipeline.mpp) if pipeline is not None else BASELINE_MPP
     markers = marker_targets(_catalogue(pipeline))
@@ -97,11 +117,12 @@ def run_evaluation(model: Any, out: Path | str, settings: EvalSettings,
                             f"choose from {', '.join(markers)}")
         markers = {m: markers[m] for m in settings.markers}
     genes = list(markers.values())
-    progress(ProgressEvent("data", 0, 2, "training spots (patient C)"))
-    train = build_spot_table(settings.data_root, TRAIN_SECTIONS, genes, tile_size, mpp, settings.train_spots)
-    progress(ProgressEvent("data", 1, 2, "held-out spots (patients B, A)"))
-    heldout = build_spot_table(settings.data_root, HELDOUT_SECTIONS, genes, tile_size, mpp, settings.heldout_spots)
-    primary = heldout.subset(heldout.section_index(HELDOUT_SECTIONS[0]))
+    fit_sections, scored_sections, rule = settings.split()
+    progress(ProgressEvent("data", 0, 2, f"training spots ({', '.join(fit_sections)})"))
+    train = build_spot_table(settings.data_root, fit_sections, genes, tile_size, mpp, settings.train_spots)
+    progress(ProgressEvent("data", 1, 2, f"scored spots ({', '.join(scored_sections)})"))
+    heldout = build_spot_table(settings.data_root, scored_sections, genes, tile_size, mpp, settings.heldout_spots)
+    primary = heldout.subset(heldout.section_index(scored_sections[0]))
     ridge = RidgeBaseline().fit(train.features, train.expression[genes].to_numpy(), list(train.section_of))
     from .pretrained import EfficientNetLite0Features, InceptionFeatures
 
@@ -121,9 +142,10 @@ def run_evaluation(model: Any, out: Path | str, settings: EvalSettings,
     results: dict[str, Any] = {
         "model": model_name, "quick": settings.quick, "seeds": list(seeds),
         "tile_size": tile_size, "mpp": mpp,
-        "split": {"train": list(TRAIN_SECTIONS), "heldout": list(HELDOUT_SECTIONS),
-                  "primary_heldout": HELDOUT_SECTIONS[0],
-                  "rule": "patient-level: patient C trains; patients B and A never seen"},
+        "split": {"train": list(fit_sections), "heldout": list(scored_sections),
+                  "primary_heldout": scored_sections[0], "validation": settings.validate is not None,
+                  "rule": rule},
+        "guidance": settings.guidance,
         "feature_extractor": {"handcrafted": list(FEATURE_NAMES), "inception": inception.name,
                               "efficientnet": cnn.name, "encoder": encoder.name if encoder else None},
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("data_root", "overwrite")},
@@ -169,6 +191,27 @@ def stain_normalised(table: Any, method: str) -> np.ndarray:
         idx = table.section_index(name)
         tiles[idx] = fit_normalization(method, tiles[idx], what=f"section {name}")(tiles[idx])
     return tiles
+
+
+class Guided:
+    """The pipeline with fixed guidance scales on every call, so that each task scores the
+    model as a user would run it with those settings (translate takes "source", generate the
+    conditions it is given)."""
+
+    def __init__(self, pipeline: Any, guidance: dict[str, float]) -> None:
+        self._pipeline, self.guidance = pipeline, dict(guidance)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipeline, name)
+
+    def translate(self, *args: Any, **kwargs: Any) -> Any:
+        source = {k: w for k, w in self.guidance.items() if k == "source"}
+        return self._pipeline.translate(*args, **({"guidance": source} if source else {}), **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        given = {k for k in ("text", "rna") if kwargs.get(k) is not None}
+        scales = {k: w for k, w in self.guidance.items() if k in given}
+        return self._pipeline.generate(*args, **({"guidance": scales} if scales else {}), **kwargs)
 
 
 def _load(model: Any) -> tuple[Any, Optional[str]]:
