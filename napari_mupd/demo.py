@@ -4,7 +4,8 @@
 
 Opens the slide, draws a default region of interest, runs the bundled model's virtual staining
 on it through the same calls as the Translate panel (HER2 and Ki67 marker maps plus their
-rendered brightfield IHC, one OME-Zarr each in `<out>/virtual-stain/`) and overlays the results.
+rendered brightfield IHC, one OME-Zarr each in `<out>/virtual-stain/`), overlays the results and
+fills the panel's table of predicted per-region scores (% positive cells, H-score).
 Without --interactive it waits until the window is drawn, saves it as `<out>/viewer.png`, says
 what it did and exits 0 (what `make demo` runs headless under Xvfb).
 """
@@ -45,6 +46,8 @@ def stain_default_roi(viewer, slide_layer, out_dir: Path) -> list:
     import dataclasses
     import shutil
 
+    from mupd.io import Region
+    from mupd.scores import ScoredRegion
     from napari_mupd._session import session
     from napari_mupd._translate_panel import TranslatePanel, add_results, translation_requests
 
@@ -68,6 +71,7 @@ def stain_default_roi(viewer, slide_layer, out_dir: Path) -> list:
     start = time.perf_counter()
     result = engine.translate(request)
     layers = add_results(viewer, [("ROI 1", result)], panel.side_by_side.value)
+    panel.show_scores([ScoredRegion(Region(polygon, name="ROI 1"), result.scores, result.cells)])
     for layer in layers:  # one familiar brightfield view on top; the others a click away
         layer.visible = layer.name.startswith(f"IHC-{DEMO_STAINS[0]}")
         if layer.visible:
@@ -75,6 +79,11 @@ def stain_default_roi(viewer, slide_layer, out_dir: Path) -> list:
     print(f"virtual {', '.join(DEMO_STAINS)} on ROI x={x} y={y} {w}x{h} px: {result.n_tiles} tiles in "
           f"{time.perf_counter() - start:.1f} s on {session().current_info.device} "
           f"({session().current_info.model_name}); wrote {result.output_path}")
+    for score in result.scores:
+        read = (f"{score.percent_positive:.1f}% positive, H-score {score.h_score:.0f}"
+                if score.n_cells else "no cells found")
+        print(f"  predicted {score.marker}: {score.n_cells} cells, {read} "
+              "(a read-out of the model's prediction, not a measured stain)")
     return layers
 
 

@@ -31,7 +31,7 @@ def test_sample_data_is_the_calibrated_cmu_slide() -> None:
 @needs_display
 def test_demo_writes_a_screenshot_of_the_window(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "napari_mupd.demo", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=400, cwd=REPO)
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     png = tmp_path / "viewer.png"
     assert f"wrote {png}" in proc.stdout and "0.499 um/px" in proc.stdout
@@ -53,3 +53,7 @@ def test_demo_writes_a_screenshot_of_the_window(tmp_path: Path) -> None:
             assert written.mpp_known and written.mpp[0] == pytest.approx(1.0)
             assert written.level_dimensions[0] == (511, 511), written.level_dimensions  # 1024 px at 0.499
             assert stain in written.channel_names or written.is_rgb
+    # The panel's table of predicted per-region scores is filled and said on stdout.
+    for marker in ("HER2", "Ki67"):
+        assert f"predicted {marker}: " in proc.stdout and "H-score" in proc.stdout
+    assert (tmp_path / "virtual-stain" / "scores.csv").is_file()
