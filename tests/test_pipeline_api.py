@@ -180,8 +180,8 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, he_tiles):
     pipe = small_pipeline(seed=5)
     pipe.catalogue.register("PanCK", kind="rgb")
     folder = pipe.save_pretrained(tmp_path / "model")
-    assert {p.name for p in folder.iterdir()} == {"model_index.json", "transformer", "codec",
-                                                  "catalogue.json", "rna_panel.json"}
+    assert {p.name for p in folder.iterdir()} == {"model_index.json", "transformer", "scheduler",
+                                                  "codec", "catalogue.json", "rna_panel.json"}
     assert not [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt", ".pth")]
     assert json.loads((folder / "model_index.json").read_text())["text_encoder"] == "default"
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 5e6  # no MiniLM copy
