@@ -25,6 +25,7 @@ from mupd.paths import RESOURCES
 from mupd.train.batches import Sample, collate, to_device
 from mupd.train.config import CheckpointSection, OptimSection
 from mupd.train.latents import LatentSamples, build_latent_cache
+from mupd.train.loss import FlowMatchingObjective
 from mupd.train.trainer import Trainer, step_generator
 
 VAE_TINY = RESOURCES / "models" / "vae-tiny"
@@ -46,15 +47,15 @@ def real_samples(tile: int, n: int) -> list[Sample]:
             for i in range(n)]
 
 
-def step_flops(pipeline, samples: list[Sample], device: str) -> float:
+def step_flops(objective: FlowMatchingObjective, samples: list[Sample], device: str) -> float:
     """FLOPs of one forward + backward of the training loss (counted, not estimated)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch = to_device(collate(samples, pipeline.rna_tokenizer), device)
+    batch = to_device(collate(samples, objective.rna_tokenizer), device)
     with FlopCounterMode(display=False) as counter:
-        loss = pipeline.training_loss(batch, generator=step_generator(0, 0, 0, device))
+        loss = objective.training_loss(batch, generator=step_generator(0, 0, 0, device))
         loss.backward()
-    pipeline.transformer.zero_grad(set_to_none=True)
+    objective.transformer.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
 
@@ -74,12 +75,13 @@ def measure(config: str, batch: int, steps: int, precision: str, compile: bool,
         samples = LatentSamples(samples, folder)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params = sum(p.numel() for p in pipeline.transformer.parameters())
-    flops = step_flops(pipeline.to(device), samples[:batch], device) if device == "cuda" else None
+    objective = FlowMatchingObjective(pipeline).to(device)
+    flops = step_flops(objective, samples[:batch], device) if device == "cuda" else None
     stamps: list[float] = []
     with tempfile.TemporaryDirectory() as run_dir:
         optim = OptimSection(max_steps=steps, batch_size=batch, mixed_precision=precision,
                              compile=compile, ema_decay=0.999)
-        trainer = Trainer(pipeline, samples, optim, CheckpointSection(every=10**9), Path(run_dir))
+        trainer = Trainer(objective, samples, optim, CheckpointSection(every=10**9), Path(run_dir))
         trainer.fit(progress=lambda e: stamps.append(time.perf_counter()))
     warm = 2 if compile else 1  # the first steps pay for compilation / allocation
     rate = (len(stamps) - warm) * batch / (stamps[-1] - stamps[warm - 1])

@@ -223,6 +223,7 @@ def test_area_marker_codec_keeps_the_marker_levels_the_h_and_e_vae_erases(tmp_pa
     as ~0.41), images still go through it, one batch may mix both, and the choice is saved."""
     from mupd.models.codec import encode_targets
     from mupd.pipeline import MuPDPipeline
+    from mupd.train.loss import FlowMatchingObjective
 
     vae = {"type": "vae", "path": str(BUNDLED_VAE)}
     plain = MuPDPipeline.from_config_name("tiny", codec=vae)
@@ -246,7 +247,7 @@ def test_area_marker_codec_keeps_the_marker_levels_the_h_and_e_vae_erases(tmp_pa
     assert torch.equal(mixed[:1], pipe.marker_codec.encode(images[:1]))
     torch.testing.assert_close(mixed[1:], pipe.codec.encode(images[1:]), atol=1e-5, rtol=1e-5)
     assert pipe._decode(mixed[1:], "rgb").shape == (1, 128, 128, 3)  # images: the VAE decodes
-    trained_on = pipe._training_latents({"target": images, "stain": ["HER2", "H&E"]})
+    trained_on = FlowMatchingObjective(pipe).training_latents({"target": images, "stain": ["HER2", "H&E"]})
     torch.testing.assert_close(trained_on, mixed)  # the training loss routes by stain kind
     loaded = MuPDPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "m"))
     assert loaded.marker_codec is not None and loaded.config["marker_codec"] == "area"

@@ -1,4 +1,4 @@
-"""MuPDPipeline: generate / translate / training_loss contracts, folders, and bad input."""
+"""MuPDPipeline: generate / translate contracts, its training objective, folders, and bad input."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from mupd.errors import CancelledError, ConditionError, ModelError, OutputExists
 from mupd.models.attention import MODALITIES
 from mupd.pipeline import MuPDPipeline
 from mupd.progress import CancelToken
+from mupd.train.loss import FlowMatchingObjective
 
 T = 32
 PROFILE = {"ERBB2": 40, "ESR1": 3, "ACTB": 900, "GAPDH": 300, "MKI67": 12, "OTHER": 200}
@@ -154,24 +155,24 @@ def batch(he_tiles, with_source=False, text=False, rna=False, reference=False, s
 def test_training_loss_every_batch_layout(pipe, he_tiles, keys):
     b = batch(he_tiles, **{k: True for k in keys})
     pipe.transformer.zero_grad()
-    loss = pipe.training_loss(b, generator=torch.Generator().manual_seed(0))
+    loss = FlowMatchingObjective(pipe).training_loss(b, generator=torch.Generator().manual_seed(0))
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     grads = {n for n, p in pipe.transformer.named_parameters() if p.grad is not None and p.grad.any()}
     for key, module in (("text", "cross_kv.text"), ("rna", "rna_encoder"), ("reference", "reference_encoder")):
         assert any(module in n for n in grads) == (key in keys), module
-    again = pipe.training_loss(b, generator=torch.Generator().manual_seed(0))
+    again = FlowMatchingObjective(pipe).training_loss(b, generator=torch.Generator().manual_seed(0))
     assert torch.equal(loss.detach(), again.detach())  # noise, timesteps, dropout from the generator
 
 
 def test_training_loss_refuses_mismatched_batches(pipe, he_tiles):
-    b = batch(he_tiles)
+    b, objective = batch(he_tiles), FlowMatchingObjective(pipe)
     with pytest.raises(ConditionError, match=f"expected \\(B, 3, {T}, {T}\\)"):
-        pipe.training_loss(dict(b, target=b["target"][:, :, :16, :16]))
+        objective.training_loss(dict(b, target=b["target"][:, :, :16, :16]))
     with pytest.raises(ConditionError, match="3 stain names for 4 targets"):
-        pipe.training_loss(dict(b, stain=["H&E"] * 3))
+        objective.training_loss(dict(b, stain=["H&E"] * 3))
     with pytest.raises(ConditionError, match="unknown stain 'XYZ'.*H&E"):
-        pipe.training_loss(dict(b, stain=["XYZ"] * 4))
+        objective.training_loss(dict(b, stain=["XYZ"] * 4))
 
 
 # -- folders -------------------------------------------------------------------------------
@@ -179,8 +180,8 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, he_tiles):
     pipe = small_pipeline(seed=5)
     pipe.catalogue.register("PanCK", kind="rgb")
     folder = pipe.save_pretrained(tmp_path / "model")
-    assert {p.name for p in folder.iterdir()} == {"model_index.json", "transformer", "codec",
-                                                  "catalogue.json", "rna_panel.json"}
+    assert {p.name for p in folder.iterdir()} == {"model_index.json", "transformer", "scheduler",
+                                                  "codec", "catalogue.json", "rna_panel.json"}
     assert not [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt", ".pth")]
     assert json.loads((folder / "model_index.json").read_text())["text_encoder"] == "default"
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 5e6  # no MiniLM copy

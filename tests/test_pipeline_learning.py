@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from mupd.pipeline import MuPDPipeline
+from mupd.train.loss import FlowMatchingObjective
 
 T = 32  # test tile: the tiny architecture at a smaller tile, so the run fits in ~30 s
 STEPS, BATCH, LR = 160, 16, 2e-3
@@ -45,11 +46,12 @@ def test_tiny_model_learns_real_he_tiles(shared_data):
     torch.manual_seed(0)
     pipe = MuPDPipeline.from_config_name("tiny", tile_size=T, hidden_size=96, depth=2, num_heads=2,
                                          cond_dim=96)
+    objective = FlowMatchingObjective(pipe)
     eval_train, eval_held = as_batch(train[::2]), as_batch(held_out)
 
     def score(batch: dict) -> float:
         with torch.no_grad():
-            return pipe.training_loss(batch, generator=torch.Generator().manual_seed(123)).item()
+            return objective.training_loss(batch, generator=torch.Generator().manual_seed(123)).item()
 
     before = score(eval_train), score(eval_held)
     optimizer = torch.optim.AdamW(pipe.transformer.parameters(), lr=LR)
@@ -57,7 +59,7 @@ def test_tiny_model_learns_real_he_tiles(shared_data):
     start = time.perf_counter()
     for _ in range(STEPS):
         picked = torch.randperm(len(train), generator=gen)[:BATCH].tolist()
-        loss = pipe.training_loss(as_batch([train[i] for i in picked]), generator=gen)
+        loss = objective.training_loss(as_batch([train[i] for i in picked]), generator=gen)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -12,6 +12,7 @@ import torch
 
 from mupd.errors import ModelError
 from mupd.pipeline import MuPDPipeline
+from mupd.train.loss import FlowMatchingObjective
 
 T = 32
 
@@ -49,7 +50,7 @@ def test_translation_samples_are_trained_at_the_readout(fraction):
     for batch in ({"target": x, "stain": ["Ki67"] * 8, "source": x},
                   {"target": x, "stain": ["Ki67", "H&E"] * 4, "source": x, "source_present": present},
                   {"target": x, "stain": ["H&E"] * 8}):
-        pipe.training_loss(batch, model=model, generator=torch.Generator().manual_seed(1))
+        FlowMatchingObjective(pipe).training_loss(batch, model=model, generator=torch.Generator().manual_seed(1))
     translate, mixed, generate = model.seen
     assert bool((translate == 1).all()) == (fraction == 1.0)
     assert not bool((translate == 1).any()) or fraction > 0
@@ -87,8 +88,8 @@ def test_short_run_learns_marker_from_stain_and_source():
         stains = rng.choice(list(truth), 8)
         target = grey([2 * truth[s][i] - 1 for s, i in zip(stains, idx)])
         source = torch.from_numpy(tiles[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        loss = pipe.training_loss({"target": target, "stain": list(stains), "source": source},
-                                  generator=gen)
+        loss = FlowMatchingObjective(pipe).training_loss(
+            {"target": target, "stain": list(stains), "source": source}, generator=gen)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -143,7 +144,8 @@ def test_marker_loss_counts_only_measured_pixels():
         batch = {"target": target, "stain": ["Ki67"] * 4, "source": source}
         if valid is not None:
             batch["target_valid"] = valid
-        return pipe.training_loss(batch, generator=torch.Generator().manual_seed(5)).item()
+        return FlowMatchingObjective(pipe).training_loss(
+            batch, generator=torch.Generator().manual_seed(5)).item()
 
     outside = target.clone()
     outside[..., :8, :] = 1.0  # change the map outside the footprint only

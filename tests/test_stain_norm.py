@@ -86,7 +86,7 @@ def test_image_to_image_strength_keeps_the_source_by_degree(cmu, region):
     T = pipe.tile_size
     tiles = np.stack([region[:T, :T], region[T:2 * T, T:2 * T]])
     zero = pipe.translate(tiles, ["H&E"], strength=0.0)["H&E"]
-    z = pipe._encode(pipe._to_unit(tiles))
+    z = pipe.encode_images(pipe._to_unit(tiles))
     np.testing.assert_array_equal(zero, pipe._decode(z, "rgb"))  # strength 0: the codec only
     err = {s: np.abs(pipe.translate(tiles, ["H&E"], steps=4, strength=s, seed=1)["H&E"].astype(float)
                      - tiles).mean() for s in (0.2, 0.9)}

@@ -1,7 +1,7 @@
 """The training loop, checkpoints and exact resume, on real IHC tiles (scikit-image's image).
 
 The generic parts are exercised with `StandInPipeline`, a small flow-matching test double with
-the pipeline's training interface (`transformer`, `training_loss`, `to`), so these tests do not
+the training objective's interface (`transformer`, `training_loss`, `to`), so these tests do not
 depend on the model's size or speed; test_train_model.py runs the real tiny MuPD pipeline.
 """
 
@@ -292,7 +292,12 @@ def test_train_from_config_writes_model_folder_and_card(tmp_path):
     config = config_from_dict({"output": str(tmp_path / "run"), "data": {"store": str(data)},
                                "optim": {"max_steps": 4, "batch_size": 2},
                                "checkpoint": {"every": 2}, "log_every": 2})
-    result = train(config, pipeline=SavingStandIn(), command="mupd train --config x.yaml")
+
+    def run(config, **kwargs):
+        stand_in = SavingStandIn()  # the pipeline and its own objective
+        return train(config, pipeline=stand_in, objective=stand_in, **kwargs)
+
+    result = run(config, command="mupd train --config x.yaml")
     model = tmp_path / "run" / "model"
     assert (model / "weights.safetensors").is_file() and result.steps == 4
     card = (model / "MODEL_CARD.md").read_text()
@@ -301,15 +306,15 @@ def test_train_from_config_writes_model_folder_and_card(tmp_path):
     assert "EMA of the trained weights" in card and "To be filled by `mupd eval`" in card
     assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["max_steps"] == 4
     with pytest.raises(OutputExistsError, match="pass --resume"):
-        train(config, pipeline=SavingStandIn())
+        run(config)
     with pytest.raises(OutputExistsError, match="already trained to 4 steps"):
-        train(config, pipeline=SavingStandIn(), resume=True)
+        run(config, resume=True)
     # A run stopped early (no model/ yet) is finished at its newest checkpoint, training nothing;
     # to fewer steps than that checkpoint it is refused.
     shutil.rmtree(model)
-    result = train(config, pipeline=SavingStandIn(), resume=True)
+    result = run(config, resume=True)
     assert (model / "weights.safetensors").is_file() and result.steps == 4
     assert np.isfinite(result.final_loss) and "steps: 4" in (model / "MODEL_CARD.md").read_text()
     fewer = config_from_dict({**config.to_dict(), "optim": {**config.to_dict()["optim"], "max_steps": 2}})
     with pytest.raises(OutputExistsError, match="already trained to 4 steps"):
-        train(fewer, pipeline=SavingStandIn(), resume=True)
+        run(fewer, resume=True)

@@ -113,6 +113,7 @@ def test_real_pipeline_loss_decreases_on_real_tiles(tmp_path, shared_data):
     """The real (small-overridden) tiny pipeline learns on real colorectal H&E tiles."""
     from mupd.train.batches import Sample
     from mupd.train.config import CheckpointSection, OptimSection
+    from mupd.train.loss import FlowMatchingObjective
     from mupd.train.trainer import Trainer
 
     torch.manual_seed(0)
@@ -123,8 +124,8 @@ def test_real_pipeline_loss_decreases_on_real_tiles(tmp_path, shared_data):
         samples += [Sample(target=image[y:y + 32, x:x + 32], stain="H&E")
                     for y in range(0, 192, 64) for x in range(0, 192, 64)]
     optim = OptimSection(max_steps=300, batch_size=8, learning_rate=2e-3, warmup_steps=5)
-    result = Trainer(pipeline, samples, optim, CheckpointSection(every=300), tmp_path,
-                     log_every=30).fit()
+    result = Trainer(FlowMatchingObjective(pipeline), samples, optim, CheckpointSection(every=300),
+                     tmp_path, log_every=30).fit()
     assert result.final_loss < 0.7 * result.first_loss, (result.first_loss, result.final_loss)
 
 

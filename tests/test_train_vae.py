@@ -172,7 +172,7 @@ def test_latent_cache_is_built_once_and_rebuilt_for_another_vae(he_store, traine
                                             "exclude_patients": ["P2"]},
                                    "optim": {"max_steps": steps, "batch_size": 4},
                                    "checkpoint": {"every": 2}, "log_every": 2})
-        train(config, resume=resume, pipeline=pipeline)
+        train(config, resume=resume, pipeline=pipeline, objective=pipeline)
         (folder,) = (tmp_path / "run" / "latents").iterdir()
         return folder
 
@@ -206,11 +206,13 @@ def test_collate_of_cached_latents_flags_absent_sources_and_refuses_mixing():
 def test_pipeline_loss_from_cached_latents_equals_the_loss_from_pixels(he_store, trained):
     """MuPDPipeline takes the cache's latents in place of pixels: same loss for the same draws."""
     from mupd.pipeline import MuPDPipeline
+    from mupd.train.loss import FlowMatchingObjective
 
     _, train_tiles, _ = he_store
     pipe = MuPDPipeline.from_config_name("tiny", tile_size=TILE,
                                          codec={"type": "vae", "path": str(trained / "vae")})
-    assert pipe.LATENT_BATCHES
+    objective = FlowMatchingObjective(pipe)
+    assert objective.LATENT_BATCHES
     samples = [Sample(target=t, stain="HER2" if i % 2 else "H&E", source=train_tiles[-1 - i] if i % 2 else None)
                for i, t in enumerate(train_tiles[:4])]
     pixels = collate(samples)
@@ -218,11 +220,11 @@ def test_pipeline_loss_from_cached_latents_equals_the_loss_from_pixels(he_store,
         latents = {k: v for k, v in pixels.items() if k not in ("target", "source")}
         latents["target_latents"] = pipe.codec.encode(pixels["target"])
         latents["source_latents"] = pipe.codec.encode(pixels["source"])
-        a = pipe.training_loss(pixels, generator=torch.Generator().manual_seed(3))
-        b = pipe.training_loss(latents, generator=torch.Generator().manual_seed(3))
+        a = objective.training_loss(pixels, generator=torch.Generator().manual_seed(3))
+        b = objective.training_loss(latents, generator=torch.Generator().manual_seed(3))
     assert torch.isfinite(a) and torch.allclose(a, b, atol=1e-5)
     with pytest.raises(Exception, match="cached training latents of shape"):
-        pipe.training_loss({**latents, "target_latents": latents["target_latents"][:, :2]})
+        objective.training_loss({**latents, "target_latents": latents["target_latents"][:, :2]})
 
 
 def test_crop_training_sees_seeded_random_windows_and_refuses_a_bad_crop(he_store, tmp_path):

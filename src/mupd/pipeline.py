@@ -1,19 +1,9 @@
-"""MuPDPipeline: the one object that trains (`training_loss`), generates and translates.
+"""MuPDPipeline: the one object that generates and translates, and its model folder.
 
-Objective: flow matching with the linear interpolant x_t = (1 - t) x_0 + t * noise, the model
-predicting the velocity v = noise - x_0, training timesteps logit-normal (t = sigmoid(N(0, 1))),
-except that a `readout_fraction` of translation samples is trained at t = 1 (the one-step
-readout below, which logit-normal timesteps would almost never reach),
-and each token modality (text, RNA, reference) dropped per sample with the config's probability
-so that one model also gives the unconditional velocity for guidance.
-
-Guidance (independent per modality, composable): with `guidance=None` the model is run once
-with every given condition. With `guidance={"text": w_t, "rna": w_r, ...}` the velocity is the
-compositional form v = v_uncond + sum_m w_m (v_m - v_uncond), v_m being the model given only
-modality m (plus stain and source); all these passes run as one batch.
-
-Sampling integrates dx/dt = v from t = 1 (noise) to t = 0 with Euler or Heun steps; one Euler
-step is the one-step readout x_0 = noise - v(noise, 1), the default for translation.
+Sampling integrates dx/dt = v from t = 1 (noise) to t = 0 with a scheduler (`mupd.schedulers`:
+Euler or Heun steps); one Euler step is the one-step readout x_0 = noise - v(noise, 1), the
+default for translation. Guidance is `mupd.guidance`, the starting noise `mupd.noise`, the
+training objective `mupd.train.loss`.
 
 The transformer predicts either v itself or (config `prediction: x0`) the clean latents x_0,
 turned into v = (x_t - x_0) / t, so loss, guidance and samplers all work on v either way.
@@ -29,31 +19,28 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .conditions import model_kwargs
 from .data.captions import RESTAIN_PROMPT
 from .errors import ConditionError, ModelError, MuPDError, OutputExistsError
-from .models.attention import MODALITIES
-
-#: Guidance key for the translation source (image guidance): scale 1 is the plain conditional
-#: model, 0 the model with the source hidden, above 1 extrapolates away from it.
-SOURCE = "source"
+from .guidance import check_guidance, guided_velocity
 from .models.catalogue import StainCatalogue
-from .models.codec import Codec, build_codec, encode_targets, load_codec, marker_codec, save_codec
-from .models.configs import PREDICTIONS, READOUT_FRACTION, model_config
+from .models.codec import Codec, build_codec, load_codec, marker_codec, save_codec
+from .models.configs import PREDICTIONS, model_config
 from .models.rna import RNATokenizer
 from .models.text import DEFAULT as TEXT_DEFAULT
 from .models.text import TextEncoder
 from .models.transformer import MuPDTransformer
+from .noise import tile_noise
 from .paths import STAIN_CATALOGUE
 from .progress import CancelToken, ProgressCallback, ProgressEvent
+from .schedulers import SCHEDULERS, FlowMatchEulerScheduler, FlowMatchScheduler, load_scheduler
 
 INDEX_FILE = "model_index.json"
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl")
 #: Keys of model_index.json / codec.json whose string values are files or folders of the model.
 REFERENCE_KEYS = ("codec", "catalogue", "rna_panel", "text_encoder", "folder", "path")
-SAMPLERS = ("euler", "heun")
 #: x0 models: t is clamped to this when x0 is turned into a velocity (no division by ~0).
 MIN_T = 0.05
 
@@ -117,14 +104,21 @@ def _check_references(folder: Path, index: dict[str, Any], roots: Sequence[Path]
 
 
 class MuPDPipeline:
-    """Transformer + codec + condition encoders + stain catalogue + gene panel."""
+    """Transformer + codec + condition encoders + stain catalogue + gene panel + scheduler.
+
+    `scheduler`: the sampler `generate` / `translate` use by default (swap it as in diffusers:
+    `pipe.scheduler = FlowMatchHeunScheduler.from_config(pipe.scheduler.config)`); None: Euler
+    on the config's `time_shift` (model configs, model folders saved before `scheduler/`).
+    The schedule lives in the scheduler's config only: `time_shift` leaves `config`."""
 
     def __init__(self, transformer: MuPDTransformer, codec: Codec, catalogue: StainCatalogue,
                  rna_tokenizer: RNATokenizer, text_encoder: TextEncoder,
-                 config: dict[str, Any]) -> None:
+                 config: dict[str, Any], scheduler: Optional[FlowMatchScheduler] = None) -> None:
         self.transformer, self.codec = transformer, codec
         self.catalogue, self.rna_tokenizer, self.text_encoder = catalogue, rna_tokenizer, text_encoder
-        self.config = config
+        self.config = {k: v for k, v in config.items() if k != "time_shift"}
+        self.scheduler = scheduler if scheduler is not None else FlowMatchEulerScheduler(
+            shift=float(config.get("time_shift", 1.0)))
         block = codec.downsample * transformer.config.patch_size
         if self.tile_size % block:
             raise ModelError(f"tile size {self.tile_size} px is not a multiple of {block} px "
@@ -147,7 +141,7 @@ class MuPDPipeline:
     def prediction(self) -> str:
         return str(self.config.get("prediction", "velocity"))
 
-    def _as_velocity(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def as_velocity(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The velocity from the transformer's output (`prediction`): itself, or from x0."""
         if self.prediction == "velocity":
             return out
@@ -201,13 +195,15 @@ class MuPDPipeline:
         with atomic_output(folder, overwrite=True, fsync=True, keep_others=True) as tmp:
             tmp.mkdir()
             self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+            self.scheduler.save_pretrained(tmp / "scheduler")
             save_codec(self.codec, tmp / "codec")
             self.catalogue.save(tmp / "catalogue.json")
             self.rna_tokenizer.save(tmp / "rna_panel.json")
             config = dict(self.config, rna_panel="rna_panel.json", catalogue="catalogue.json",
                           codec={"folder": "codec"}, text_encoder=self.text_encoder.reference)
             index = {"_class_name": type(self).__name__, "format": FORMAT_VERSION,
-                     "transformer": ["mupd.models.transformer", "MuPDTransformer"], "codec": "codec",
+                     "transformer": ["mupd.models.transformer", "MuPDTransformer"],
+                     "scheduler": ["mupd.schedulers", type(self.scheduler).__name__], "codec": "codec",
                      "text_encoder": self.text_encoder.reference, "catalogue": "catalogue.json",
                      "rna_panel": "rna_panel.json", "config": config}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
@@ -242,16 +238,20 @@ class MuPDPipeline:
             tokenizer = RNATokenizer.from_file(folder / "rna_panel.json")
         with _loading(folder / "codec"):
             codec = load_codec(folder / "codec")
+        scheduler = None  # a folder saved before schedulers were saved: the config's Euler
+        if (folder / "scheduler").is_dir():
+            with _loading(folder / "scheduler"):
+                scheduler = load_scheduler(folder / "scheduler")
         with _loading(folder / INDEX_FILE):  # a config key missing or of the wrong kind
             text_encoder = TextEncoder(reference, int(config.get("text_max_length", 64)), folder=encoder)
             pipeline = cls(transformer.eval(), codec, StainCatalogue.load(folder / "catalogue.json"),
-                           tokenizer, text_encoder, config)
+                           tokenizer, text_encoder, config, scheduler)
             if not pipeline.mpp > 0:  # read lazily later: a missing or bad mpp fails here
                 raise ModelError(f"{folder / INDEX_FILE}: config mpp {pipeline.mpp} must be positive")
         return pipeline
 
     # -- conditions -----------------------------------------------------------------------
-    def _stain_ids(self, stains: Sequence[str]) -> torch.Tensor:
+    def stain_ids(self, stains: Sequence[str]) -> torch.Tensor:
         ids = [self.catalogue.index(s) for s in stains]
         limit = self.transformer.config.max_stains
         if max(ids) >= limit:
@@ -277,189 +277,47 @@ class MuPDPipeline:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.codec.encode(images.float())
 
-    def _text(self, texts: Optional[Sequence[Optional[str]]]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def encode_text(self, texts: Optional[Sequence[Optional[str]]],
+                    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         if texts is None:
             return None
         return self.text_encoder.encode(list(texts), device=self.device)
 
-    @staticmethod
-    def _model_kwargs(cond: dict[str, Any]) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"stain": cond["stain"], "source": cond.get("source")}
-        if cond.get("source_present") is not None:
-            kwargs["source_present"] = cond["source_present"]
-        if cond.get("text") is not None:
-            kwargs["text"], kwargs["text_mask"] = cond["text"]
-        if cond.get("rna") is not None:
-            kwargs["rna_values"], kwargs["rna_mask"] = cond["rna"]
-        if cond.get("reference") is not None:
-            kwargs["reference"], kwargs["reference_present"] = cond["reference"]
-        return kwargs
-
-    # -- training -------------------------------------------------------------------------
-    #: `training_loss` takes latents cached once before training (mupd.train.latents) in place
-    #: of "target" / "source" pixels: "target_latents" / "source_latents".
-    LATENT_BATCHES = True
-
-    def _training_latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The clean latents x0 of a batch: cached ones as given, else the target pixels encoded
-        (marker maps through the marker codec, when the model has one)."""
-        n = len(batch["target_latents"] if batch.get("target_latents") is not None else batch["target"])
-        if len(batch["stain"]) != n:
-            raise ConditionError(f"{len(batch['stain'])} stain names for {n} targets")
-        if batch.get("target_latents") is not None:
-            x0 = batch["target_latents"].to(self.device).float()
-            lat = self.tile_size // self.codec.downsample
-            if x0.ndim != 4 or x0.shape[1:] != (self.codec.latent_channels, lat, lat):
-                raise ConditionError(f"cached training latents of shape {tuple(x0.shape)}; expected "
-                                     f"(B, {self.codec.latent_channels}, {lat}, {lat}): was the cache "
-                                     "built with another codec or tile size?")
-            return x0
-        target = batch["target"].to(self.device)
-        if target.ndim != 4 or target.shape[1] != 3 or target.shape[2:] != (self.tile_size,) * 2:
-            raise ConditionError(f"training target of shape {tuple(target.shape)}; expected "
-                                 f"(B, 3, {self.tile_size}, {self.tile_size})")
-        is_marker = [self.catalogue.get(s).kind == "marker" for s in batch["stain"]]
-        return encode_targets(self.codec, self.marker_codec, target.float(), is_marker)
-
-    def training_loss(self, batch: dict[str, Any], model: Optional[torch.nn.Module] = None,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Flow-matching loss of one batch (see the module doc for the batch layout).
-
-        batch: "target" (B, 3, H, W) in [-1, 1] or "target_latents" (cached); "stain" list[str];
-        optional "source" (B, 3, H, W) or "source_latents", + optional "source_present" (B,) bool
-        (a batch mixing tasks);
-        "text" list[str | None]; "rna_values" (B, G) + "rna_mask" (B, G) bool;
-        "reference" (B, 3, H, W) + optional "reference_present" (B,) bool;
-        optional "target_valid" (B, 1, H, W) in [0, 1]: where the target counts in the loss."""
-        model = model if model is not None else self.transformer
-        device = self.device
-        x0 = self._training_latents(batch)
-        b = x0.shape[0]
-        weight = None
-        if batch.get("target_valid") is not None:
-            # A latent cell weighs the fraction of its pixels that were measured: the values a
-            # marker map interpolates between spot footprints are not a training signal.
-            weight = F.avg_pool2d(batch["target_valid"].to(device).float(), self.codec.downsample)
-            if weight.shape[0] != b or weight.shape[-2:] != x0.shape[-2:]:
-                raise ConditionError(f"target mask of shape {tuple(batch['target_valid'].shape)} "
-                                     f"does not match targets of latent shape {tuple(x0.shape)}")
-        gen_device = generator.device if generator is not None else device
-
-        def draw(shape: tuple[int, ...], normal: bool) -> torch.Tensor:
-            fn = torch.randn if normal else torch.rand
-            return fn(shape, generator=generator, device=gen_device).to(device)
-
-        noise = draw(tuple(x0.shape), True)
-        t = torch.sigmoid(draw((b,), True))
-        keep = {m: draw((b,), False) >= self.config["dropout"].get(m, 0.0) for m in MODALITIES}
-        cond: dict[str, Any] = {"stain": self._stain_ids(batch["stain"])}
-        if batch.get("source_latents") is not None:
-            cond["source"] = batch["source_latents"].to(device).float()
-        elif batch.get("source") is not None:
-            cond["source"] = self._encode(batch["source"].to(device))
-        if "source" in cond:
-            if batch.get("source_present") is not None:
-                cond["source_present"] = batch["source_present"].to(device).bool()
-        text = self._text(batch.get("text"))
-        if text is not None:
-            cond["text"] = (text[0], text[1] & keep["text"][:, None])
-        if batch.get("rna_values") is not None:
-            mask = batch["rna_mask"].to(device).bool() & keep["rna"][:, None]
-            cond["rna"] = (batch["rna_values"].to(device).float(), mask)
-        if batch.get("reference") is not None:
-            present = batch.get("reference_present")
-            present = keep["reference"] if present is None else present.to(device).bool() & keep["reference"]
-            cond["reference"] = (self._encode(batch["reference"].to(device)), present)
-        readout = float(self.config.get("readout_fraction", READOUT_FRACTION))
-        if cond.get("source") is not None and readout > 0:  # train the one-step readout
-            translating = cond.get("source_present", torch.ones(b, dtype=torch.bool, device=device))
-            t = torch.where(translating & (draw((b,), False) < readout), torch.ones_like(t), t)
-        tt = t[:, None, None, None]
-        xt = (1 - tt) * x0 + tt * noise
-        pred = self._as_velocity(model(xt, t, **self._model_kwargs(cond)), xt, t)
-        error = (pred.float() - (noise - x0).float()) ** 2
-        if weight is None:
-            return error.mean()
-        return (error * weight).sum() / (weight.sum() * error.shape[1]).clamp_min(1e-8)
+    def _model_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """One transformer pass as a velocity (`guidance.Velocity`); bf16 autocast on CUDA."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            out = self.transformer(x, t, **model_kwargs(cond)).float()
+        return self.as_velocity(out, x, t)
 
     # -- sampling -------------------------------------------------------------------------
-    def _check_guidance(self, guidance: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
-        if guidance is None:
-            return None
-        unknown = [k for k in guidance if k not in (*MODALITIES, SOURCE)]
-        if unknown:
-            raise ConditionError(f"guidance for unknown modality {', '.join(map(repr, unknown))}; "
-                                 f"known: {', '.join((*MODALITIES, SOURCE))}")
-        bad = [k for k, w in guidance.items() if not math.isfinite(float(w))]
-        if bad:
-            raise ConditionError(f"guidance scale for {', '.join(bad)} is not a finite number")
-        return {k: float(w) for k, w in guidance.items()}
-
-    def _velocity(self, x: torch.Tensor, t: float, cond: dict[str, Any],
-                  guidance: Optional[dict[str, float]]) -> torch.Tensor:
-        if guidance and SOURCE in guidance and cond.get("source") is not None:
-            # image guidance on the source H&E: v = v(source hidden) + w (v(source) - v(source hidden))
-            w, rest = guidance[SOURCE], {k: v for k, v in guidance.items() if k != SOURCE} or None
-            v_on = self._velocity(x, t, cond, rest)
-            if w == 1.0:
-                return v_on
-            hidden = {**cond, "source_present": torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)}
-            v_off = self._velocity(x, t, hidden, rest)
-            return v_off + w * (v_on - v_off)
-        present = [m for m in MODALITIES if cond.get(m) is not None]
-        b = x.shape[0]
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda")
-        if guidance is None or not present:
-            tb = torch.full((b,), t, device=x.device)
-            with autocast:
-                v = self.transformer(x, tb, **self._model_kwargs(cond))
-            return self._as_velocity(v.float(), x, tb)
-        passes = [None, *present]  # unconditional, then each modality alone
-        k = len(passes)
-        batched: dict[str, Any] = {"stain": cond["stain"].repeat(k)}
-        if cond.get("source") is not None:
-            batched["source"] = cond["source"].repeat(k, 1, 1, 1)
-        for m in present:
-            data, mask = cond[m]
-            on = torch.tensor([p == m for p in passes], device=x.device).repeat_interleave(b)
-            batched[m] = (data.repeat(k, *([1] * (data.ndim - 1))),
-                          mask.repeat(k, *([1] * (mask.ndim - 1))) & on.view(-1, *([1] * (mask.ndim - 1))))
-        xk, tk = x.repeat(k, 1, 1, 1), torch.full((k * b,), t, device=x.device)
-        with autocast:
-            v = self.transformer(xk, tk, **self._model_kwargs(batched)).float()
-        v = self._as_velocity(v, xk, tk).view(k, b, *v.shape[1:])
-        return v[0] + sum(guidance.get(m, 1.0) * (v[i + 1] - v[0]) for i, m in enumerate(present))
-
-    def _timesteps(self, steps: int, start: float = 1.0) -> list[float]:
-        """`steps` + 1 noise levels from `start` down to 0 on the model's shifted schedule."""
-        shift = float(self.config.get("time_shift", 1.0))
-        u0 = start / (shift - (shift - 1) * start)  # the unshifted level whose shift is `start`
-        ts = np.linspace(u0, 0.0, steps + 1)
-        return (shift * ts / (1 + (shift - 1) * ts)).tolist()
+    def _scheduler(self, sampler: Optional[str]) -> FlowMatchScheduler:
+        """A fresh scheduler for one run (schedulers keep state): the pipeline's own, or the
+        named sampler on the pipeline scheduler's config."""
+        cls = type(self.scheduler) if sampler is None else SCHEDULERS[sampler]
+        return cls.from_config(self.scheduler.config)
 
     @torch.no_grad()
     def _sample(self, noise: torch.Tensor, cond: dict[str, Any], steps: int,
-                guidance: Optional[dict[str, float]], sampler: str,
+                guidance: Optional[dict[str, float]], sampler: Optional[str],
                 progress: Optional[ProgressCallback], cancel: Optional[CancelToken],
                 done: int, total: int, start: float = 1.0) -> torch.Tensor:
         """Integrate from noise level `start` (1: pure noise; below it `noise` is a noised image)."""
-        ts = self._timesteps(steps, start)
-        x = noise
-        for i in range(steps):
-            if cancel is not None:
+        scheduler = self._scheduler(sampler)
+        scheduler.set_timesteps(steps, start=start)
+        x, finished = noise, 0
+        for t in scheduler.timesteps:
+            if cancel is not None and scheduler.state_in_first_order:
                 cancel.raise_if_cancelled()
-            t, t_next = ts[i], ts[i + 1]
-            v = self._velocity(x, t, cond, guidance)
-            if sampler == "heun" and t_next > 0:
-                v_next = self._velocity(x + (t_next - t) * v, t_next, cond, guidance)
-                v = (v + v_next) / 2
-            x = x + (t_next - t) * v
-            if progress is not None:
-                progress(ProgressEvent("sample", done + i + 1, total, f"step {i + 1}/{steps}"))
+            v = guided_velocity(self._model_velocity, x, float(t), cond, guidance)
+            x = scheduler.step(v, t, x).prev_sample
+            if scheduler.state_in_first_order:  # a whole step done
+                finished += 1
+                if progress is not None:
+                    progress(ProgressEvent("sample", done + finished, total, f"step {finished}/{steps}"))
         return x
 
     def _decode(self, latents: torch.Tensor, kind: str) -> np.ndarray:
@@ -477,57 +335,39 @@ class MuPDPipeline:
 
     def _noise(self, n: int, seed: int,
                positions: Optional[Sequence[tuple[int, int]]] = None) -> torch.Tensor:
-        """Noise drawn on the CPU from `seed`: the same images on every device and batch size.
+        """`noise.tile_noise` in this model's latent shape: the same on every device and batch
+        size; with `positions`, windows of one noise field over the tiles' shared frame."""
+        return tile_noise(n, seed, self.codec.latent_channels, self.tile_size // self.codec.downsample,
+                          self.latent_step, positions)
 
-        With `positions` (each tile's (y, x) origin in image pixels of one shared frame) the
-        noise of a tile is its window of one noise field over that frame, so tiles that overlap
-        start from the same noise where they overlap; the field is drawn in tile-sized blocks
-        keyed by (seed, block row, block column), so any tile is cut out without the whole field.
-        """
-        lat = self.tile_size // self.codec.downsample
-        if positions is None:
-            gen = torch.Generator().manual_seed(int(seed))
-            return torch.randn((n, self.codec.latent_channels, lat, lat), generator=gen)
-        if len(positions) != n:
-            raise ConditionError(f"{len(positions)} tile positions given for {n} tiles")
-        if seed < 0:
-            raise ConditionError(f"seed must be >= 0 for positioned tiles (got {seed})")
-        step = self.latent_step
-        tiles = []
-        for y, x in positions:
-            if y % step or x % step or y < 0 or x < 0:
-                raise ConditionError(f"tile position ({y}, {x}) px is not a non-negative multiple of "
-                                     f"the model's latent step {step} px")
-            tiles.append(_field_window(int(seed), y // step, x // step, lat, self.codec.latent_channels))
-        return torch.from_numpy(np.stack(tiles))
-
-    def _check_run(self, steps: int, sampler: str, batch_size: int) -> None:
+    def _check_run(self, steps: int, sampler: Optional[str], batch_size: int) -> None:
         if steps < 1:
             raise ConditionError(f"steps must be at least 1 (got {steps})")
-        if sampler not in SAMPLERS:
-            raise ConditionError(f"sampler {sampler!r} unknown; use {' or '.join(SAMPLERS)}")
+        if sampler is not None and sampler not in SCHEDULERS:
+            raise ConditionError(f"sampler {sampler!r} unknown; use {' or '.join(SCHEDULERS)}")
         if batch_size < 1:
             raise ConditionError(f"batch size must be at least 1 (got {batch_size})")
 
     def generate(self, text: Optional[str | Sequence[Optional[str]]] = None, rna: Any = None,
                  reference: Optional[np.ndarray] = None, stain: str = "H&E", num_images: int = 1,
                  steps: int = 20, guidance: Optional[dict[str, float]] = None, seed: int = 0,
-                 sampler: str = "euler", rna_normalized: bool = False, batch_size: int = 8,
+                 sampler: Optional[str] = None, rna_normalized: bool = False, batch_size: int = 8,
                  progress: Optional[ProgressCallback] = None,
                  cancel: Optional[CancelToken] = None) -> np.ndarray:
         """(N, T, T, 3) uint8 for an RGB stain, (N, T, T) float32 in [0, 1] for a marker.
 
         text: one prompt for all images or one per image; rna: one profile (dict, CSV/TSV path,
-        one-row AnnData; raw counts unless `rna_normalized`); reference: one (T, T, 3) uint8 tile."""
+        one-row AnnData; raw counts unless `rna_normalized`); reference: one (T, T, 3) uint8 tile.
+        sampler: None for the pipeline's `scheduler`, or "euler" / "heun" on its config."""
         self._check_run(steps, sampler, batch_size)
         if num_images < 1:
             raise ConditionError(f"num_images must be at least 1 (got {num_images})")
-        guidance = self._check_guidance(guidance)
+        guidance = check_guidance(guidance)
         target = self.catalogue.get(stain)
         texts = [text] * num_images if isinstance(text, str) or text is None else list(text)
         if len(texts) != num_images:
             raise ConditionError(f"{len(texts)} prompts for {num_images} images")
-        text_tokens = self._text(texts) if any(texts) else None
+        text_tokens = self.encode_text(texts) if any(texts) else None
         rna_tokens = None
         if rna is not None:
             values, mask, _, _ = self.rna_tokenizer.align(rna, normalized=rna_normalized)
@@ -535,12 +375,13 @@ class MuPDPipeline:
                           torch.from_numpy(mask).to(self.device)[None])
         ref_latents = None
         if reference is not None:
-            ref_latents = self._encode(self._to_unit(self._check_tiles(reference, "reference tile")[:1]))
+            tile = self._check_tiles(reference, "reference tile")[:1]
+            ref_latents = self.encode_images(self._to_unit(tile))
         noise = self._noise(num_images, seed)
         out = []
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
-            cond: dict[str, Any] = {"stain": self._stain_ids([target.name] * n)}
+            cond: dict[str, Any] = {"stain": self.stain_ids([target.name] * n)}
             if text_tokens is not None:
                 cond["text"] = (text_tokens[0][start:start + n], text_tokens[1][start:start + n])
             if rna_tokens is not None:
@@ -556,7 +397,7 @@ class MuPDPipeline:
 
     def translate(self, images: np.ndarray, stains: Sequence[str], steps: int = 1,
                   guidance: Optional[dict[str, float]] = None, seed: int = 0, batch_size: int = 8,
-                  sampler: str = "euler", progress: Optional[ProgressCallback] = None,
+                  sampler: Optional[str] = None, progress: Optional[ProgressCallback] = None,
                   cancel: Optional[CancelToken] = None,
                   positions: Optional[Sequence[tuple[int, int]]] = None,
                   strength: Optional[float] = None, prompt: Optional[str] = None,
@@ -573,7 +414,7 @@ class MuPDPipeline:
         section keeps its structure and takes the look of the prompt; 0 returns the source
         through the codec, 1 ignores it."""
         self._check_run(steps, sampler, batch_size)
-        guidance = self._check_guidance(guidance)
+        guidance = check_guidance(guidance)
         tiles = self._check_tiles(images, "H&E tiles")
         if isinstance(stains, str):
             stains = [stains]
@@ -582,15 +423,15 @@ class MuPDPipeline:
             raise ConditionError("no target stain given: name at least one stain or marker")
         if strength is not None:
             strength = check_image_to_image(list(targets.values()), strength)
-        text = self._text([prompt or RESTAIN_PROMPT] * len(tiles)) if strength is not None else None
+        text = None if strength is None else self.encode_text([prompt or RESTAIN_PROMPT] * len(tiles))
         noise = self._noise(len(tiles), seed, positions)
         chunks = -(-len(tiles) // batch_size)
         out: dict[str, list[np.ndarray]] = {s: [] for s in targets}
         for c, start in enumerate(range(0, len(tiles), batch_size)):
-            source = self._encode(self._to_unit(tiles[start:start + batch_size]))
+            source = self.encode_images(self._to_unit(tiles[start:start + batch_size]))
             n = source.shape[0]
             for j, (name, target) in enumerate(targets.items()):
-                cond: dict[str, Any] = {"stain": self._stain_ids([target.name] * n)}
+                cond: dict[str, Any] = {"stain": self.stain_ids([target.name] * n)}
                 x, level = noise[start:start + n].to(self.device), 1.0
                 if strength is None:
                     cond["source"] = source
@@ -615,18 +456,3 @@ def check_image_to_image(targets: Sequence[Any], strength: float) -> float:
         raise ConditionError(f"strength (image-to-image) applies to RGB stains; {', '.join(markers)} "
                              "are marker maps, read from the H&E in one step: leave strength unset")
     return value
-
-
-def _field_window(seed: int, y: int, x: int, size: int, channels: int) -> np.ndarray:
-    """The (channels, size, size) window at latent (y, x) of a standard-normal field made of
-    size x size blocks, block (by, bx) drawn from the seed sequence (seed, by, bx)."""
-    out = np.empty((channels, size, size), dtype=np.float32)
-    for by in range(y // size, (y + size - 1) // size + 1):
-        for bx in range(x // size, (x + size - 1) // size + 1):
-            block = np.random.default_rng([seed, by, bx]).standard_normal(
-                (channels, size, size), dtype=np.float32)
-            ya, xa = max(y, by * size), max(x, bx * size)
-            yb, xb = min(y + size, (by + 1) * size), min(x + size, (bx + 1) * size)
-            out[:, ya - y : yb - y, xa - x : xb - x] = block[:, ya - by * size : yb - by * size,
-                                                             xa - bx * size : xb - bx * size]
-    return out

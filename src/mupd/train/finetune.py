@@ -24,6 +24,7 @@ from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
 from .card import write_model_card
 from .config import CheckpointSection, OptimSection
 from .folders import load_folder
+from .loss import FlowMatchingObjective
 from .trainer import Trainer
 
 METHODS = ("lora", "full")
@@ -112,7 +113,8 @@ def run_finetune(request: FinetuneRequest, progress: Optional[ProgressCallback] 
                            f"{data.summary}; {'continuing' if resume else 'starting'} "
                            f"{request.method} fine-tuning"))
     run_dir = out / RUN_SUBDIR  # checkpoints (step-*) and train_log.csv
-    trainer = Trainer(pipeline, data.samples, optim, checkpoint, run_dir, checkpoint_dir=run_dir)
+    trainer = Trainer(FlowMatchingObjective(pipeline), data.samples, optim, checkpoint, run_dir,
+                      checkpoint_dir=run_dir)
     result = trainer.fit(resume=resume, progress=progress, cancel=cancel)
     trainer.apply_ema()
     if trainer.accelerator.is_main_process:

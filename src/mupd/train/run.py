@@ -18,6 +18,7 @@ from .batches import Sample
 from .card import write_model_card
 from .checkpoint import CheckpointManager
 from .config import ModelSection, TrainConfig, TrainConfigError, dump_config
+from .loss import FlowMatchingObjective
 from .trainer import Trainer, TrainResult, make_accelerator
 
 
@@ -46,23 +47,25 @@ def training_samples(config: TrainConfig, pipeline: Any) -> tuple[Sequence[Sampl
     return store_samples(config, pipeline)
 
 
-def cached_latents(config: TrainConfig, pipeline: Any, samples: Sequence[Sample], accelerator: Any,
-                   progress: Optional[ProgressCallback] = None) -> tuple[Sequence[Sample], str]:
-    """With a VAE codec, the samples read from a latent cache in the run folder (every tile
-    encoded once, by the main process, before training); else the samples as they are.
+def cached_latents(config: TrainConfig, pipeline: Any, objective: Any, samples: Sequence[Sample],
+                   accelerator: Any, progress: Optional[ProgressCallback] = None,
+                   ) -> tuple[Sequence[Sample], str]:
+    """With a VAE codec and an objective that takes cached latents (`LATENT_BATCHES`), the
+    samples read from a latent cache in the run folder (every tile encoded once, by the main
+    process, before training); else the samples as they are.
     Also returns what the codec does in this run, for the progress stream."""
     from ..models.codec import VAECodec
     from .latents import LatentSamples, build_latent_cache
 
     codec = getattr(pipeline, "codec", None)
-    if config.data.augment.views > 1 and not (isinstance(codec, VAECodec)
-                                             and getattr(pipeline, "LATENT_BATCHES", False)):
+    latent_batches = getattr(objective, "LATENT_BATCHES", False)
+    if config.data.augment.views > 1 and not (isinstance(codec, VAECodec) and latent_batches):
         raise TrainConfigError("data.augment is baked into the latent cache, which needs a VAE "
                                "codec (model.overrides.codec); this model has none")
     if not isinstance(codec, VAECodec):
         return samples, "pixel codec (weight-free space-to-depth): no codec to train"
-    if not getattr(pipeline, "LATENT_BATCHES", False):
-        return samples, ("VAE codec, frozen, encoding every batch (this pipeline's training_loss "
+    if not latent_batches:
+        return samples, ("VAE codec, frozen, encoding every batch (this objective's training_loss "
                          "does not take cached latents)")
     selection = {**dataclasses.asdict(config.data), "tile_size": int(pipeline.tile_size)}
     selection.pop("num_workers")
@@ -95,21 +98,24 @@ def _check_output(run_dir: Path, resume: bool, max_steps: int, product: str = "m
 
 
 def train(config: TrainConfig, resume: bool = False, progress: Optional[ProgressCallback] = None,
-          cancel: Optional[CancelToken] = None, command: str = "", pipeline: Any = None) -> TrainResult:
+          cancel: Optional[CancelToken] = None, command: str = "", pipeline: Any = None,
+          objective: Any = None) -> TrainResult:
     """Train per `config`; with `resume`, continue from the newest checkpoint if there is one.
 
     `pipeline`: an already-built pipeline to train instead of `config.model` (callers that hold
-    one, e.g. an engine); it must match `config.model` when resuming.
+    one, e.g. an engine); it must match `config.model` when resuming. `objective`: what the
+    Trainer runs (default: the pipeline's `FlowMatchingObjective`).
     """
     run_dir = Path(config.output)
     _check_output(run_dir, resume, config.optim.max_steps)
     pipeline = pipeline if pipeline is not None else load_pipeline(config.model)
+    objective = objective if objective is not None else FlowMatchingObjective(pipeline)
     samples, data_text, split_text = training_samples(config, pipeline)
     accelerator = make_accelerator(config.optim.mixed_precision, config.optim.compile)
-    samples, note = cached_latents(config, pipeline, samples, accelerator, progress)
+    samples, note = cached_latents(config, pipeline, objective, samples, accelerator, progress)
     if progress is not None:
         progress(ProgressEvent("train", 0, config.optim.max_steps, message=note))
-    trainer = Trainer(pipeline, samples, config.optim, config.checkpoint, run_dir,
+    trainer = Trainer(objective, samples, config.optim, config.checkpoint, run_dir,
                       accelerator=accelerator, num_workers=config.data.num_workers,
                       log_every=config.log_every)
     if trainer.accelerator.is_main_process:

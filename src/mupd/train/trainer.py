@@ -74,14 +74,14 @@ def make_accelerator(mixed_precision: str = "auto", compile: bool = False) -> An
 
 
 class Trainer:
-    """Trains `pipeline.transformer` (its parameters that require grad, e.g. only LoRA weights)
-    on `samples`, with `pipeline.training_loss(batch, model=, generator=)` as the objective.
+    """Trains `objective.transformer` (its parameters that require grad, e.g. only LoRA weights)
+    on `samples`, with `objective.training_loss(batch, model=, generator=)` as the loss; the
+    objective is e.g. `loss.FlowMatchingObjective(pipeline)`.
 
-    `module`: train this module instead of `pipeline.transformer` (e.g. the VAE, whose
-    objective object stands in for the pipeline).
+    `module`: train this module instead of `objective.transformer` (e.g. the VAE's).
     """
 
-    def __init__(self, pipeline: Any, samples: Sequence[Sample], optim: OptimSection,
+    def __init__(self, objective: Any, samples: Sequence[Sample], optim: OptimSection,
                  checkpoint: CheckpointSection, run_dir: Path, *,
                  accelerator: Any = None, num_workers: int = 0, log_every: int = 10,
                  checkpoint_dir: Optional[Path] = None,
@@ -89,15 +89,15 @@ class Trainer:
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
-        self.pipeline, self.samples, self.optim = pipeline, samples, optim
+        self.objective, self.samples, self.optim = objective, samples, optim
         self.run_dir = Path(run_dir)
         self.log_every, self.num_workers = max(1, log_every), num_workers
         self.accelerator = accelerator or make_accelerator(optim.mixed_precision, optim.compile)
         acc = self.accelerator
         self.order = BatchOrder(len(samples), optim.batch_size, optim.seed,
                                 acc.num_processes, acc.process_index)
-        pipeline.to(acc.device)
-        module = module if module is not None else pipeline.transformer
+        objective.to(acc.device)
+        module = module if module is not None else objective.transformer
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, betas=tuple(optim.betas),
                                       weight_decay=optim.weight_decay)
@@ -170,7 +170,7 @@ class Trainer:
         start, wall_before = self._resume() if resume else (0, 0.0)
         accum = optim.grad_accum_steps
         loader = torch.utils.data.DataLoader(
-            _StepBatches(self.samples, self.order, getattr(self.pipeline, "rna_tokenizer", None)),
+            _StepBatches(self.samples, self.order, getattr(self.objective, "rna_tokenizer", None)),
             batch_size=None, sampler=range(start * accum, optim.max_steps * accum),
             num_workers=self.num_workers, generator=torch.Generator().manual_seed(optim.seed))
         batches = iter(loader)
@@ -191,7 +191,7 @@ class Trainer:
                 gen = step_generator(optim.seed, micro, acc.process_index, acc.device)
                 sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(self.model)
                 with sync, acc.autocast():
-                    loss = self.pipeline.training_loss(batch, model=self.model, generator=gen)
+                    loss = self.objective.training_loss(batch, model=self.model, generator=gen)
                 acc.backward(loss / accum)
                 loss_sum += loss.detach().float()
             grad_norm = math.nan

@@ -1,7 +1,7 @@
 """`train_vae`: the project's own latent codec, a diffusers `AutoencoderKL` trained on H&E tiles.
 
 It runs the one training loop (`Trainer`: accelerate, checkpoints, exact resume, EMA, CSV log)
-with `VAEObjective` standing in for the pipeline. Objective per tile x in [-1, 1]:
+with `VAEObjective` as its objective. Objective per tile x in [-1, 1]:
     mean |x - decode(z)| + kl_weight * KL(q(z|x) || N(0, I)) / (3 H W),  z ~ q(z|x)
 i.e. L1 reconstruction per pixel value plus the KL summed over the latent and divided by the
 number of pixel values (kl_weight 1e-6 is the Stable Diffusion VAE's weighting: sum-L1 + 1e-6
@@ -61,7 +61,7 @@ class VAEWithPosterior(torch.nn.Module):
 
 
 class VAEObjective:
-    """Stands in for the pipeline in `Trainer`: `to`, `training_loss`, no RNA tokenizer."""
+    """The VAE's objective in `Trainer`: `to`, `training_loss`, no RNA tokenizer."""
 
     rna_tokenizer = None
 
