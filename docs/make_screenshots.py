@@ -56,6 +56,7 @@ def main() -> None:
     import napari
     import pandas as pd
 
+    from mupd.names import ihc_name
     from napari_mupd._engine_panel import EnginePanel
     from napari_mupd._finetune_panel import LAYERS, FinetunePanel
     from napari_mupd._generate_panel import GeneratePanel
@@ -87,7 +88,7 @@ def main() -> None:
     translate.side_by_side.value = True
     for layer in viewer.layers:
         if layer.metadata.get("mupd_result"):
-            layer.visible = layer.name.startswith(("IHC-HER2", "CD45"))
+            layer.visible = layer.name.startswith((ihc_name("HER2"), "CD45"))
     viewer.camera.center = (0, (y + h / 2) * 0.69, (x + w * 1.05) * 0.69)
     viewer.camera.zoom = 0.55
     shoot(viewer, args.out / "translate.png")

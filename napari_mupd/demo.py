@@ -45,6 +45,7 @@ def stain_default_roi(viewer, slide_layer, out_dir: Path) -> list:
     import dataclasses
     import shutil
 
+    from mupd.names import ihc_name
     from napari_mupd._session import session
     from napari_mupd._translate_panel import TranslatePanel, add_results, translation_requests
 
@@ -69,7 +70,7 @@ def stain_default_roi(viewer, slide_layer, out_dir: Path) -> list:
     result = engine.translate(request)
     layers = add_results(viewer, [("ROI 1", result)], panel.side_by_side.value)
     for layer in layers:  # one familiar brightfield view on top; the others a click away
-        layer.visible = layer.name.startswith(f"IHC-{DEMO_STAINS[0]}")
+        layer.visible = layer.name.startswith(ihc_name(DEMO_STAINS[0]))
         if layer.visible:
             viewer.layers.selection.active = layer  # its controls (opacity) in the side panel
     print(f"virtual {', '.join(DEMO_STAINS)} on ROI x={x} y={y} {w}x{h} px: {result.n_tiles} tiles in "

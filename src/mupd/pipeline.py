@@ -34,10 +34,7 @@ import torch.nn.functional as F
 from .data.captions import RESTAIN_PROMPT
 from .errors import ConditionError, ModelError, MuPDError, OutputExistsError
 from .models.attention import MODALITIES
-
-#: Guidance key for the translation source (image guidance): scale 1 is the plain conditional
-#: model, 0 the model with the source hidden, above 1 extrapolates away from it.
-SOURCE = "source"
+from .names import SOURCE
 from .models.catalogue import StainCatalogue
 from .models.codec import Codec, build_codec, encode_targets, load_codec, marker_codec, save_codec
 from .models.configs import PREDICTIONS, READOUT_FRACTION, model_config
