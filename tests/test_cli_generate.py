@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mupd.cli import main
-from mupd.commands.generate import mosaic
+from mupd.mosaic import mosaic
 from test_slides_support import model_folder
 
 pytestmark = pytest.mark.timeout(300)

@@ -44,7 +44,7 @@ def default_data_root() -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConditionError, DataError
-    from ..commands.console import ConsoleProgress
+    from ..console import ConsoleProgress
     from .run import EvalSettings, run_evaluation
 
     data = Path(args.data) if args.data else default_data_root()
