@@ -11,7 +11,7 @@ from PIL import Image
 
 from mupd.cli import main
 from mupd.mosaic import mosaic
-from test_slides_support import model_folder
+from support_slides import model_folder
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -12,7 +12,7 @@ import tifffile
 from mupd.errors import OutputExistsError
 from mupd.io import open_slide, write_ome_tiff, write_ome_zarr
 from mupd.io import ometiff, omezarr
-from test_io_support import sample_svs  # noqa: F401  (fixture)
+from support_io import sample_svs  # noqa: F401  (fixture)
 
 WRITERS = {"zarr": (write_ome_zarr, "x.ome.zarr", omezarr, "_write_pyramid"),
            "tiff": (write_ome_tiff, "x.ome.tif", ometiff, "_write_tiff")}
