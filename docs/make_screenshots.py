@@ -81,6 +81,7 @@ def main() -> None:
     import napari
     import pandas as pd
 
+    from mupd.names import ihc_name
     from napari_mupd._engine_panel import EnginePanel
     from napari_mupd._session import session
     from napari_mupd._translate_panel import TranslatePanel
@@ -112,7 +113,7 @@ def main() -> None:
         translate.side_by_side.value = True
         for layer in viewer.layers:
             if layer.metadata.get("mupd_result"):
-                layer.visible = layer.name.startswith("IHC-HER2")
+                layer.visible = layer.name.startswith(ihc_name("HER2"))
         viewer.camera.center = (0, (y + h / 2) * 0.69, (x + w * 1.05) * 0.69)
         viewer.camera.zoom = 0.36
         shoot(viewer, args.out / "translate.png")
@@ -120,7 +121,7 @@ def main() -> None:
             translate.side_by_side.value = False
             for layer in viewer.layers:
                 if layer.metadata.get("mupd_result"):
-                    layer.visible = layer.name.startswith("IHC-HER2")
+                    layer.visible = layer.name.startswith(ihc_name("HER2"))
             viewer.camera.center = (0, (y + h / 2) * 0.69, (x + w / 2) * 0.69)
             viewer.camera.zoom = 5.0
             shoot(viewer, args.out / "ihc-cells.png")
@@ -205,7 +206,7 @@ def qupath_shot(viewer, slide, out: Path) -> None:
     wait(translate.run())
     for layer in viewer.layers:
         if layer.metadata.get("mupd_result"):
-            layer.visible = layer.name.startswith("IHC-Ki67")
+            layer.visible = layer.name.startswith(ihc_name("Ki67"))
     viewer.layers.move(viewer.layers.index(annotations), len(viewer.layers) - 1)
     viewer.camera.center = (0, 4700 * 0.69, 4350 * 0.69)
     viewer.camera.zoom = 0.9

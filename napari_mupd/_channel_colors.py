@@ -7,9 +7,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from napari.utils.colormaps import Colormap
 
-#: Hex colours napari already names; keeps layer colormap names readable (blue, green, ...).
-_NAMED = {"FF0000": "red", "00FF00": "green", "0000FF": "blue", "FFFF00": "yellow",
-          "FF00FF": "magenta", "00FFFF": "cyan", "FFFFFF": "gray"}
+from mupd.colors import linear_colormap
+
 #: Nuclear stains are conventionally blue; other unnamed channels take the next colour in turn.
 _NUCLEAR = ("dapi", "hoechst", "nuclei", "nuclear")
 _CYCLE = ("green", "magenta", "cyan", "yellow", "red", "blue")
@@ -18,9 +17,10 @@ _CYCLE = ("green", "magenta", "cyan", "yellow", "red", "blue")
 def channel_colormap(name: str, hex_color: Optional[str], index: int) -> Union[str, Colormap]:
     """The colormap for one fluorescence channel: its file colour, else blue for DNA, else a cycle."""
     if hex_color:
+        named = linear_colormap(hex_color)  # keeps layer colormap names readable (blue, green, ...)
+        if named is not None:
+            return named
         key = hex_color.lstrip("#").upper()
-        if key in _NAMED:
-            return _NAMED[key]
         rgb = [int(key[i:i + 2], 16) / 255 for i in (0, 2, 4)]
         return Colormap(colors=[[0, 0, 0, 1], [*rgb, 1]], name=f"mupd-{key.lower()}", display_name=name)
     if any(tag in name.lower() for tag in _NUCLEAR):

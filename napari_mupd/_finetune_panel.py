@@ -27,6 +27,7 @@ from mupd.progress import ProgressEvent
 
 from . import _settings
 from ._regions import is_slide_layer
+from ._results import stain_of
 from ._session import session
 from ._tasks import EngineTask, RunCancel, notify_error
 
@@ -177,7 +178,7 @@ class FinetunePanel(QWidget):
                                 "captioned tiles or spots")
             return folder
         src, tgt = self.source_layer.value, self.target_layer.value
-        stain = self.stain.value.strip() or (tgt.name.split(" [")[0] if tgt is not None else "")
+        stain = self.stain.value.strip() or (stain_of(tgt.name) if tgt is not None else "")
         if src is None or tgt is None or src is tgt:
             raise DataError("choose two different image layers: the H&E and its target stain")
         if not is_slide_layer(src):

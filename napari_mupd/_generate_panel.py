@@ -17,9 +17,9 @@ from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
-from mupd.commands.generate import mosaic
 from mupd.engine.api import EngineInfo, GenerateRequest, GenerateResult
 from mupd.errors import ConditionError, MuPDError
+from mupd.mosaic import mosaic
 
 from . import _settings
 from ._regions import is_slide_layer, roi_shapes, selected_polygons

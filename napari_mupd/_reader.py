@@ -76,26 +76,15 @@ def read_annotations(path: PathLike) -> list[LayerData]:
     """A QuPath GeoJSON as a Shapes layer on the current viewer's slide (see the module doc)."""
     from mupd.io import read_geojson
 
-    from ._regions import is_slide_layer
+    from ._regions import current_slide_layer
 
-    viewer = _current_viewer()
-    slide = None
-    if viewer is not None:
-        active = viewer.layers.selection.active
-        slides = [l for l in viewer.layers if is_slide_layer(l)]
-        slide = active if active is not None and is_slide_layer(active) else (slides[-1] if slides else None)
+    slide = current_slide_layer()
     if slide is None:
         from napari.utils.notifications import show_warning
 
         show_warning(f"{Path(path).name}: no slide is open, so its annotations are shown in level-0 "
                      "pixels; open the slide first to place them on it")
     return [annotation_layer_data(read_geojson(path), slide, Path(path).stem)]
-
-
-def _current_viewer() -> Any:
-    from napari import current_viewer
-
-    return current_viewer()
 
 
 def annotation_layer_data(regions: list, slide_layer: Any = None, name: str = "annotations") -> LayerData:

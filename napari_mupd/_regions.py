@@ -7,7 +7,7 @@ scale or translate on either layer is honoured.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -40,13 +40,42 @@ def slide_mpp(layer: Any) -> Optional[float]:
     return float(mpp[0]) if mpp else None
 
 
+def current_slide_layer(slide_path: Optional[str] = None) -> Any:
+    """The slide layer of napari's current viewer showing `slide_path`, or (no path given) the
+    active slide layer, else the top-most; None without a viewer or such a layer."""
+    from napari import current_viewer
+
+    viewer = current_viewer()
+    if viewer is None:
+        return None
+    slides = [l for l in reversed(viewer.layers) if is_slide_layer(l)]
+    if slide_path is not None:
+        return next((l for l in slides if l.metadata["slide_path"] == slide_path), None)
+    active = viewer.layers.selection.active
+    return active if active is not None and is_slide_layer(active) else next(iter(slides), None)
+
+
+class SlidePlacement(NamedTuple):
+    """Where a slide's level 0 lies in the world when its layer is not open: (y, x) micrometres
+    per pixel and the world position of pixel (0, 0); stands in for the layer's transform."""
+
+    scale: np.ndarray
+    translate: np.ndarray
+
+    def world_to_data(self, point: np.ndarray) -> np.ndarray:
+        return (np.asarray(point, dtype=float)[-2:] - self.translate) / self.scale
+
+
+def world_to_level0(points_world: np.ndarray, slide: Any) -> np.ndarray:
+    """(N, 2) world (y, x) points -> (N, 2) level-0 (x, y) pixels of `slide` (a slide layer or a
+    `SlidePlacement`), through its world->data transform: any scale or translate is honoured."""
+    return np.array([np.asarray(slide.world_to_data(p), dtype=float)[-2:][::-1] for p in points_world],
+                    dtype=float).reshape(-1, 2)
+
+
 def _to_level0(points_world: np.ndarray, slide_layer: Any) -> Polygon:
-    out = []
-    for p in points_world:
-        row, col = slide_layer.world_to_data(p)[-2:]
-        # um -> px round trips leave float noise (499.9999...) that would widen the box by a pixel
-        out.append((round(float(col), 3), round(float(row), 3)))
-    return out
+    # um -> px round trips leave float noise (499.9999...) that would widen the box by a pixel
+    return [(round(float(x), 3), round(float(y), 3)) for x, y in world_to_level0(points_world, slide_layer)]
 
 
 def selected_polygons(shapes_layer: Any, slide_layer: Any) -> list[Polygon]:

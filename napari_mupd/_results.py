@@ -14,6 +14,16 @@ IHC_OPACITY = 0.7
 SIDE_GAP = 0.05  # side-by-side: gap between the slide region and the result, fraction of its width
 
 
+def result_name(stain: str, region: str) -> str:
+    """A result layer's name: its stain and, in brackets, the region it covers."""
+    return f"{stain} [{region}]"
+
+
+def stain_of(layer_name: str) -> str:
+    """The stain a layer's name starts with: `result_name`'s stain, or the whole name."""
+    return layer_name.split(" [")[0]
+
+
 def stain_layer_data(layers: Sequence[StainLayer], region: str) -> list[LayerData]:
     """IHC/H&E results as RGB at partial opacity; markers additive with their named colormaps."""
     out = []
@@ -24,7 +34,7 @@ def stain_layer_data(layers: Sequence[StainLayer], region: str) -> list[LayerDat
                 "mupd_translate_um": list(layer.translate_um),
                 "mupd_side_offset_um": width_um * (1 + SIDE_GAP)}
         kwargs: dict[str, Any] = {
-            "name": f"{layer.name} [{region}]", "scale": layer.scale_um,
+            "name": result_name(layer.name, region), "scale": layer.scale_um,
             "translate": layer.translate_um, "units": ("um", "um"), "metadata": meta,
         }
         if layer.kind == "rgb":

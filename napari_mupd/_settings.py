@@ -38,12 +38,11 @@ def load(panel: str) -> dict[str, Any]:
 
 def save(panel: str, values: Mapping[str, Any]) -> None:
     """Write one panel's values atomically (a crash never leaves a half-written settings file)."""
+    from mupd.io.atomic import atomic_write_text
+
     data = _read_all()
     data[panel] = {k: _jsonable(v) for k, v in values.items()}
-    path = settings_path()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic_write_text(settings_path(), json.dumps(data, indent=1), fsync=False)
 
 
 def _jsonable(value: Any) -> Any:

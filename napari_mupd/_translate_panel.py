@@ -23,6 +23,7 @@ from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem, QV
 from mupd.engine.api import EngineInfo, TranslateRequest, TranslateResult
 from mupd.errors import ConditionError, MuPDError, RegionError
 from mupd.io import Region
+from mupd.names import SOURCE
 from mupd.scores import CSV_COLUMNS, ScoredRegion, score_row, write_score_files
 from mupd.stain_norm import METHODS as STAIN_NORM_METHODS
 
@@ -58,7 +59,7 @@ def translation_requests(slide_layer: Any, polygons: list[Polygon], stains: list
     return [TranslateRequest(slide_path=slide_layer.metadata["slide_path"], stains=list(stains),
                              polygon=polygon, holes=[list(h) for h in cut], steps=steps, seed=seed,
                              slide_mpp=user_mpp,
-                             guidance={} if source_guidance == 1.0 else {"source": source_guidance},
+                             guidance={} if source_guidance == 1.0 else {SOURCE: source_guidance},
                              render_brightfield=render_brightfield,
                              stain_norm=None if stain_norm == "none" else stain_norm,
                              strength=strength if strength > 0 else None)

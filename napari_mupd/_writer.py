@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ._channel_colors import colormap_hex
-from ._regions import ellipse_outline
+from ._regions import SlidePlacement, current_slide_layer, ellipse_outline, world_to_level0
 
 LayerData = tuple[Any, dict, str]
 
@@ -125,11 +125,15 @@ def _check_axis_aligned(meta: dict, path: str) -> None:
 def shapes_to_regions(data: Sequence[np.ndarray], meta: dict, path: str = "GeoJSON") -> list:
     """napari shapes (data coordinates, (.., y, x)) -> `mupd.io.Region`s in level-0 pixel (x, y).
 
-    World (um) = data * scale + translate; level-0 pixels = (world - origin) / mpp, where mpp is
-    the slide's (layer metadata 'mpp', set by the plugin for ROI layers) or else the layer's own
-    scale, which is what napari gives a shapes layer drawn over the slide, and origin the slide
-    layer's translate (metadata 'level0_origin_um', set by the GeoJSON reader; else 0). The
-    features `holes` (level-0 rings as JSON) and `id` (QuPath feature) come back as they were read.
+    World (um) = data * scale + translate, taken to level-0 pixels through the slide layer's
+    transform (`world_to_level0`), so its scale and translate are honoured: the current viewer's
+    layer of the shapes' slide (metadata 'slide_path', set by the GeoJSON reader), or for shapes
+    of no known slide the active or top-most slide layer. With that slide not open (a headless
+    save) the shapes' metadata place it: level-0 pixels = (world - origin) / mpp, where mpp is
+    the slide's (metadata 'mpp') or else the layer's own scale, which is what napari gives a
+    shapes layer drawn over the slide, and origin the slide layer's translate when it was read
+    (metadata 'level0_origin_um'; else 0). The features `holes` (level-0 rings as JSON) and `id`
+    (QuPath feature) come back as they were read.
     """
     import json
 
@@ -140,9 +144,11 @@ def shapes_to_regions(data: Sequence[np.ndarray], meta: dict, path: str = "GeoJS
     scale = np.asarray(meta.get("scale", (1.0, 1.0)), dtype=float)[-2:]
     extra = meta.get("metadata") or {}
     translate = np.asarray(meta.get("translate", (0.0, 0.0)), dtype=float)[-2:]
-    translate = translate - np.asarray(extra.get("level0_origin_um") or (0.0, 0.0), dtype=float)[-2:]
-    slide_mpp = extra.get("mpp")
-    mpp_yx = np.asarray(slide_mpp[::-1] if slide_mpp else scale, dtype=float)
+    slide = current_slide_layer(extra.get("slide_path"))
+    if slide is None:
+        slide_mpp = extra.get("mpp")
+        slide = SlidePlacement(np.asarray(slide_mpp[::-1] if slide_mpp else scale, dtype=float),
+                               np.asarray(extra.get("level0_origin_um") or (0.0, 0.0), dtype=float)[-2:])
     types = list(meta.get("shape_type") or ["polygon"] * len(data))
     features = meta.get("features")
     names = _column(features, "name", len(data))
@@ -158,7 +164,7 @@ def shapes_to_regions(data: Sequence[np.ndarray], meta: dict, path: str = "GeoJS
         elif kind not in ("rectangle", "polygon"):
             raise MuPDError(f"shape {i} of layer {meta.get('name')!r} is a {kind}, not an area; "
                             f"{path} holds area annotations only (polygon, rectangle, ellipse)")
-        px = (yx * scale + translate) / mpp_yx
+        xy = world_to_level0(yx * scale + translate, slide)
         # a colour belongs to a class in QuPath: unclassified shapes carry none
         color = tuple(int(c) for c in np.rint(edge[i, :3] * 255)) if i < len(edge) and classes[i] else None
         try:
@@ -167,7 +173,7 @@ def shapes_to_regions(data: Sequence[np.ndarray], meta: dict, path: str = "GeoJS
         except (ValueError, TypeError):
             raise MuPDError(f"shape {i} of layer {meta.get('name')!r}: its 'holes' feature is not a "
                             f"JSON list of [x, y] rings: {holes[i]!r}") from None
-        regions.append(Region([(float(x), float(y)) for y, x in px], name=names[i],
+        regions.append(Region([(float(x), float(y)) for x, y in xy], name=names[i],
                               classification=classes[i], color=color, shape=kind, holes=rings,
                               id=ids[i]))
     return regions

@@ -48,6 +48,7 @@ def stain_default_roi(viewer, slide_layer, out_dir: Path) -> list:
 
     from mupd.io import Region
     from mupd.scores import ScoredRegion
+    from mupd.names import ihc_name
     from napari_mupd._session import session
     from napari_mupd._translate_panel import TranslatePanel, add_results, translation_requests
 
@@ -73,7 +74,7 @@ def stain_default_roi(viewer, slide_layer, out_dir: Path) -> list:
     layers = add_results(viewer, [("ROI 1", result)], panel.side_by_side.value)
     panel.show_scores([ScoredRegion(Region(polygon, name="ROI 1"), result.scores, result.cells)])
     for layer in layers:  # one familiar brightfield view on top; the others a click away
-        layer.visible = layer.name.startswith(f"IHC-{DEMO_STAINS[0]}")
+        layer.visible = layer.name.startswith(ihc_name(DEMO_STAINS[0]))
         if layer.visible:
             viewer.layers.selection.active = layer  # its controls (opacity) in the side panel
     print(f"virtual {', '.join(DEMO_STAINS)} on ROI x={x} y={y} {w}x{h} px: {result.n_tiles} tiles in "

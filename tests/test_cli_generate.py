@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from mupd.cli import main
-from mupd.commands.generate import mosaic
-from test_slides_support import model_folder
+from mupd.mosaic import mosaic
+from support_slides import model_folder
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -11,7 +11,7 @@ import zarr
 
 from mupd.cli import main
 from mupd.io import open_slide, rectangle, write_geojson
-from test_slides_support import cmu_slide_path, model_folder
+from support_slides import cmu_slide_path, model_folder
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -28,8 +28,8 @@ from mupd.cohort import (FAILED, SETTINGS, SUMMARY, TABLE, CohortSettings, claim
 from mupd.errors import OutputExistsError, SlideError
 from mupd.io import open_slide, write_ome_tiff
 from mupd.io.atomic import owner_tag
-from test_server_support import free_port
-from test_slides_support import TileContextPipeline, cmu_slide_path, model_folder
+from support_server import free_port
+from support_slides import TileContextPipeline, cmu_slide_path, model_folder
 
 pytestmark = pytest.mark.timeout(900)  # 4 model-loading processes: ~2 min on 2 idle cores
 

@@ -7,7 +7,7 @@ import pytest
 import torch.multiprocessing as mp
 from skimage.data import immunohistochemistry
 
-from test_server_support import free_port, save_tiny_model
+from support_server import free_port, save_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -140,8 +140,9 @@ def test_cli_baselines_only_quick(shared_data, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quick_eval_of_an_untrained_tiny_mupd(shared_data, tmp_path):
-    pipeline_module = pytest.importorskip("mupd.pipeline", reason="mupd.pipeline has not landed yet")
-    pipe = pipeline_module.MuPDPipeline.from_config_name("tiny")
+    from mupd.pipeline import MuPDPipeline
+
+    pipe = MuPDPipeline.from_config_name("tiny")
     settings = EvalSettings(data_root=shared_data, quick=True, seeds=(0, 1), train_spots=8,
                             heldout_spots=8, markers=("HER2", "Ki67"))
     settings.steps, settings.n_tiles, settings.calibration_spots = 2, 2, 8

@@ -20,7 +20,7 @@ from dicom_wsi import write_dicom_wsi
 from mupd.errors import SlideError
 from mupd.io import open_slide
 from mupd.io.openslide_backend import open_openslide
-from test_io_support import sample_svs  # noqa: F401  (fixture)
+from support_io import sample_svs  # noqa: F401  (fixture)
 
 MPP = 0.499  # the CMU sample's
 

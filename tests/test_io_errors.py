@@ -13,7 +13,7 @@ import tifffile
 
 from mupd.errors import RegionError, SlideError
 from mupd.io import open_slide
-from test_io_support import sample_svs  # noqa: F401  (fixture)
+from support_io import sample_svs  # noqa: F401  (fixture)
 
 
 def test_missing_path(tmp_path):

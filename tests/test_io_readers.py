@@ -9,7 +9,7 @@ import pytest
 import tiffslide
 
 from mupd.io import open_slide
-from test_io_support import sample_svs  # noqa: F401  (fixture)
+from support_io import sample_svs  # noqa: F401  (fixture)
 
 CMU = "wsi/CMU-1-Small-Region.svs"
 TCGA = "wsi/TCGA-CR-7395-01A-01-TS1.svs"

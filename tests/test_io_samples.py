@@ -9,7 +9,7 @@ import pytest
 
 from mupd.errors import SlideError
 from mupd.io import samples
-from test_io_support import sample_svs  # noqa: F401  (fixture)
+from support_io import sample_svs  # noqa: F401  (fixture)
 
 
 def test_override_env(monkeypatch, sample_svs):

@@ -12,7 +12,7 @@ import tifffile
 from mupd.errors import OutputExistsError
 from mupd.io import open_slide, write_ome_tiff, write_ome_zarr
 from mupd.io import ometiff, omezarr
-from test_io_support import sample_svs  # noqa: F401  (fixture)
+from support_io import sample_svs  # noqa: F401  (fixture)
 
 WRITERS = {"zarr": (write_ome_zarr, "x.ome.zarr", omezarr, "_write_pyramid"),
            "tiff": (write_ome_tiff, "x.ome.tif", ometiff, "_write_tiff")}
@@ -202,3 +202,52 @@ def test_an_output_a_killed_run_moved_aside_is_put_back(tmp_path, rgb_crop):
     assert os.listdir(tmp_path) == ["x.ome.zarr"]
     with open_slide(target) as s:
         assert s.dimensions == (80, 64)
+
+
+def test_concurrent_writers_of_one_output_never_collide(tmp_path):
+    """Writers of one file and of one folder at the same time: every write lands whole (a reader
+    never sees part of one), none trips over another's temporary, and nothing is left beside."""
+    import threading
+
+    from mupd.io.atomic import atomic_output, atomic_write_text
+
+    file, folder = tmp_path / "settings.json", tmp_path / "model"
+    writers, rounds, size = 3, 30, 20_000
+    failures: list[BaseException] = []
+    seen: list[str] = []
+    done = threading.Event()
+
+    def write(w: int) -> None:
+        try:
+            for i in range(rounds):
+                token = f"<{w}-{i}>"
+                atomic_write_text(file, token * size, fsync=False)
+                with atomic_output(folder, overwrite=True) as tmp:
+                    tmp.mkdir()
+                    for name in ("a", "b"):
+                        (tmp / name).write_text(token)
+        except BaseException as exc:  # noqa: BLE001  (reported below, with the others)
+            failures.append(exc)
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                seen.append(file.read_text())
+            except FileNotFoundError:  # before the first write lands
+                pass
+
+    reader = threading.Thread(target=read)
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    reader.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    reader.join()
+    assert failures == []
+    whole = {f"<{w}-{i}>" * size for w in range(writers) for i in range(rounds)}
+    assert seen and all(text in whole for text in seen)
+    a, b = ((folder / name).read_text() for name in ("a", "b"))
+    assert a == b and a * size in whole
+    assert sorted(os.listdir(tmp_path)) == ["model", "settings.json"]

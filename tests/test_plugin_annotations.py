@@ -19,7 +19,7 @@ QUPATH = Path(__file__).parent / "data" / "qupath_annotations.geojson"
 
 @pytest.fixture
 def slide_path() -> Path:
-    from test_slides_support import cmu_slide_path
+    from support_slides import cmu_slide_path
 
     return cmu_slide_path()
 

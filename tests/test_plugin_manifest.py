@@ -1,5 +1,6 @@
-"""The npe2 manifest: valid, found by napari, one file, and a plugin that never imports torch
-(the panels reach torch only through a local engine, created when a job needs it)."""
+"""The npe2 manifest: valid, found by napari, one file; and the import contract both ways: the
+plugin never imports torch (the panels reach torch only through a local engine, created when a
+job needs it), the engine never imports napari or Qt."""
 
 from __future__ import annotations
 
@@ -12,6 +13,21 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+#: Imports every module of a package (argv[1]), then prints the loaded top-level packages.
+IMPORT_ALL = """
+import importlib, pkgutil, sys
+package = importlib.import_module(sys.argv[1])
+for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+    importlib.import_module(module.name)
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def _imported_by_all_of(package: str) -> set[str]:
+    proc = subprocess.run([sys.executable, "-c", IMPORT_ALL, package], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split())
 
 
 def test_manifest_validates() -> None:
@@ -53,13 +69,12 @@ def test_plugin_modules_and_reader_never_import_torch(tmp_path: Path) -> None:
     from skimage import data
     from skimage.io import imsave
 
+    assert "torch" not in _imported_by_all_of("napari_mupd")
     png = tmp_path / "ihc.png"
     imsave(png, data.immunohistochemistry())
     code = (
         "import sys\n"
-        "import napari_mupd, napari_mupd._reader, napari_mupd._writer, napari_mupd._sample_data, napari_mupd.demo\n"
-        "import napari_mupd._engine_panel, napari_mupd._translate_panel, napari_mupd._generate_panel\n"
-        "import napari_mupd._finetune_panel\n"
+        "import napari_mupd._reader\n"
         f"layers = napari_mupd._reader.napari_get_reader({str(png)!r})({str(png)!r})\n"
         "assert layers and layers[0][1]['rgb'], layers\n"
         "print('torch' in sys.modules)\n"
@@ -67,6 +82,14 @@ def test_plugin_modules_and_reader_never_import_torch(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_engine_modules_never_import_napari_or_qt() -> None:
+    loaded = _imported_by_all_of("mupd")
+    assert "torch" in loaded  # the walk reached the model code
+    gui = {name for name in loaded
+           if name in {"napari", "qtpy", "magicgui", "superqt"} or name.startswith("PyQt")}
+    assert not gui, f"importing mupd loads {sorted(gui)}"
 
 
 def test_reader_declines_what_is_not_a_slide(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -340,7 +340,7 @@ def test_engine_panel_reports_bad_model_folder_and_unreachable_server(make_napar
 def test_translate_panel_against_a_real_server(make_napari_viewer, qtbot, slide_path, errors, tmp_path,
                                                local_engine):
     """Issue 7: the same panel, remote engine (mupd serve subprocess on loopback), same pixels."""
-    from test_server_support import ServerProcess, save_tiny_model
+    from support_server import ServerProcess, save_tiny_model
 
     from mupd.engine.api import TranslateRequest
     from napari_mupd._engine_panel import REMOTE, EnginePanel

@@ -131,6 +131,25 @@ def test_shapes_become_level0_pixel_polygons(viewer: ViewerModel, tmp_path: Path
     np.testing.assert_allclose(read_geojson(tmp_path / "half.geojson")[0].polygon, np.array(expected_rect) * 2)
 
 
+def test_shapes_over_a_placed_slide_save_in_its_pixels(viewer: ViewerModel, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slide layer at an odd translate (and scale); shapes drawn over it as napari draws them
+    (the slide's scale, no translate) save in that slide's level-0 pixels, not their own."""
+    mpp, origin = 0.499, (123.4, -56.7)
+    slide = viewer.add_image(np.zeros((800, 1000), np.uint8), name="slide", scale=(mpp, mpp),
+                             translate=origin, units=("um", "um"),
+                             metadata={"slide_path": str(tmp_path / "slide.svs"), "mpp": (mpp, mpp),
+                                       "level_dimensions": [(1000, 800)]})
+    monkeypatch.setattr("napari.current_viewer", lambda: viewer)  # what napari's Viewer gives
+    pixels = np.array([[100, 200], [100, 400], [300, 400], [300, 200]], float)  # (y, x) on the slide
+    world = np.array([slide.data_to_world(p) for p in pixels])
+    shapes = viewer.add_shapes([world / mpp], shape_type="rectangle", scale=(mpp, mpp), units=("um", "um"),
+                               name="rois")
+    viewer.layers.selection.active = shapes
+    viewer.layers.save(str(tmp_path / "rois.geojson"), selected=True, plugin="napari-mupd")
+    np.testing.assert_allclose(read_geojson(tmp_path / "rois.geojson")[0].polygon, pixels[:, ::-1], atol=1e-9)
+
+
 def test_lines_and_paths_are_not_annotations(viewer: ViewerModel, tmp_path: Path) -> None:
     viewer.add_shapes([np.array([[0, 0], [5, 5], [9, 0]])], shape_type="path", name="scribble")
     with pytest.raises(MuPDError, match="shape 0 of layer 'scribble' is a path"):

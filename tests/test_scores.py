@@ -23,7 +23,7 @@ from mupd.scores import (NEGATIVE_COLOR, POSITIVE_COLOR, CellReadout, intensity_
                          score_cells, score_marker)
 from mupd.slides import ArraySlide, RegionTranslator, write_translation
 from test_slides_render import _cmu
-from test_slides_support import TileContextPipeline
+from support_slides import TileContextPipeline
 
 #: Cell levels of the synthetic tissue, two of each intensity class at threshold 0.3, bins
 #: (0.5, 0.7): negative 0.1, 0.25; 1+ 0.32, 0.45; 2+ 0.55, 0.65; 3+ 0.75, 0.9.

@@ -12,7 +12,7 @@ from skimage.data import immunohistochemistry
 
 from mupd.engine.api import FinetuneRequest
 from mupd.engine.remote import RemoteEngine, RemoteError
-from test_server_support import ServerProcess, save_tiny_model
+from support_server import ServerProcess, save_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -21,7 +21,7 @@ import pytest
 from skimage.data import immunohistochemistry
 
 from mupd.engine import wire
-from test_server_support import ServerProcess, save_tiny_model
+from support_server import ServerProcess, save_tiny_model
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -17,7 +17,7 @@ from mupd.engine.remote import AuthError, EngineUnreachableError, RemoteEngine, 
 from mupd.errors import CancelledError
 from mupd.progress import CancelToken
 from mupd.slides import ArraySlide
-from test_server_support import ServerProcess, free_port, save_tiny_model
+from support_server import ServerProcess, free_port, save_tiny_model
 
 pytestmark = pytest.mark.timeout(300)
 

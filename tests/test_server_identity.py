@@ -18,7 +18,7 @@ from mupd.engine.api import TranslateRequest
 from mupd.engine.remote import RemoteEngine
 from mupd.io import open_slide
 from mupd.slides import ArraySlide, RegionTranslator, _read_tile, box_from_polygon
-from test_server_support import ServerProcess, save_tiny_model
+from support_server import ServerProcess, save_tiny_model
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -16,7 +16,7 @@ from skimage.data import immunohistochemistry
 
 from mupd.engine.api import TranslateRequest
 from mupd.engine.remote import RemoteEngine
-from test_server_support import ServerProcess, save_tiny_model
+from support_server import ServerProcess, save_tiny_model
 
 CLIENTS, REQUESTS = 16, 20
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

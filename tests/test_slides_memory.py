@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from test_slides_support import model_folder
+from support_slides import model_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 

@@ -14,7 +14,7 @@ from mupd.errors import CancelledError, ConditionError, OutputExistsError, Regio
 from mupd.io import open_slide
 from mupd.progress import CancelToken
 from mupd.slides import ArraySlide, RegionTranslator, write_translation
-from test_slides_support import TileContextPipeline, cmu_slide_path
+from support_slides import TileContextPipeline, cmu_slide_path
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ KILLED_RUN = r"""
 import os, signal, sys
 from skimage.data import immunohistochemistry
 from mupd.slides import ArraySlide, RegionTranslator
-from test_slides_support import TileContextPipeline
+from support_slides import TileContextPipeline
 
 def die(event):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -158,7 +158,7 @@ def test_engine_cancel_leaves_no_output_and_no_temporary_files(cmu, tmp_path, mo
 
     from mupd.engine.api import TranslateRequest
     from mupd.engine.local import LocalEngine
-    from test_slides_support import model_folder
+    from support_slides import model_folder
 
     engine = LocalEngine(str(model_folder(tmp_path / "model")), device="cpu")
     scratch = tmp_path / "scratch"

@@ -13,7 +13,7 @@ from skimage.transform import AffineTransform, warp
 
 from mupd.io import open_slide
 from mupd.slides import RegionTranslator, placement, write_translation
-from test_slides_support import TileContextPipeline, cmu_slide_path
+from support_slides import TileContextPipeline, cmu_slide_path
 
 BOX = (517, 333, 640, 512)  # odd level-0 offset, not a multiple of anything
 

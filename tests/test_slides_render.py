@@ -23,7 +23,7 @@ from mupd.io.resample import resample_window
 from mupd.models.catalogue import StainCatalogue, compartment_of, threshold_of
 from mupd.render import DAB_MAX, render_dab_ihc, render_ihc
 from mupd.slides import ArraySlide, RegionTranslator
-from test_slides_support import TileContextPipeline, cmu_slide_path
+from support_slides import TileContextPipeline, cmu_slide_path
 
 
 def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -10,7 +10,7 @@ from mupd.io import open_slide
 from mupd.slides import ArraySlide, RegionTranslator, _read_box
 from mupd.stain_norm import check_method, fit_normalization, load_reference, stain_stats
 from test_slides_seams import border_energy_ratio, overlap_band_texture  # noqa: F401
-from test_slides_support import cmu_slide_path, model_pipeline
+from support_slides import cmu_slide_path, model_pipeline
 
 BOX = (200, 400, 1600, 1600)
 

@@ -14,9 +14,7 @@ from PIL import Image
 from mupd.cli import main
 from mupd.engine.api import FinetuneRequest
 from mupd.errors import OutputExistsError
-
-pipeline_module = pytest.importorskip("mupd.pipeline", reason="mupd.pipeline has not landed")
-MuPDPipeline = pipeline_module.MuPDPipeline
+from mupd.pipeline import MuPDPipeline
 
 
 @pytest.fixture(scope="module")

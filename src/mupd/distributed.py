@@ -210,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open_slide(args.slide, mpp=args.mpp) as slide:
             bar = None
             if state.is_main_process:
-                from .commands.console import ConsoleProgress
+                from .console import ConsoleProgress
 
                 bar = ConsoleProgress()
             result = translate_distributed(

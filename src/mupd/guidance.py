@@ -17,10 +17,7 @@ import torch
 
 from .errors import ConditionError
 from .models.attention import MODALITIES
-
-#: Guidance key for the translation source (image guidance): scale 1 is the plain conditional
-#: model, 0 the model with the source hidden, above 1 extrapolates away from it.
-SOURCE = "source"
+from .names import SOURCE
 
 #: One model pass as a velocity: (latents, timesteps (B,), condition dict) -> velocity.
 Velocity = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
+from .colors import colormap_hex
 from .errors import RegionError, SlideError
 from .io.resample import resample_window, source_window
+from .names import ihc_name
 from .progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
 from .render import MarkerMap, render_ihc_cells
 from .scores import CellReadout, MarkerScore
@@ -602,7 +604,7 @@ class RegionTranslator:
                 import zarr
 
                 chunk = sums.weight.sum.chunks[0]
-                outs.append(zarr.create_array(sums.workdir / f"IHC-{target.name}.zarr",
+                outs.append(zarr.create_array(sums.workdir / f"{ihc_name(target.name)}.zarr",
                                               shape=plan.out_shape + (3,), chunks=(chunk, chunk, 3),
                                               dtype="u1", fill_value=255))
                 values = _Normalised(sums.outputs[target.name].sum, sums.weight.sum)
@@ -635,13 +637,13 @@ class RegionTranslator:
                 import dask.array as da
 
                 data = da.from_zarr(data)
-            meta = {"target": f"IHC-{m.name}", "model_mpp": float(self.pipeline.mpp),
+            meta = {"target": ihc_name(m.name), "model_mpp": float(self.pipeline.mpp),
                     "rendered_from": (
                         f"predicted {m.name} intensity, rendered as DAB on the source "
                         "hematoxylin (Beer-Lambert); not a measured stain"),
                     "rendering": {"compartment": m.compartment, "positivity_threshold": m.threshold,
                                   "cells": "nuclei and cells segmented in the source H&E (mupd.cells)"}}
-            out.append(OutputLayer(f"IHC-{m.name}", "rgb", data, "gray", meta))
+            out.append(OutputLayer(ihc_name(m.name), "rgb", data, "gray", meta))
         return out, score_cells(cells, markers), cells
 
 
@@ -747,14 +749,6 @@ def _read_window(slide: Any, level: Any, x0: int, y0: int, x1: int, y1: int) -> 
     return canvas
 
 
-def _color_hex(colormap: str) -> str:
-    """OME channel colour for a napari colormap name (unknown names fall back to white)."""
-    named = {"magenta": "FF00FF", "green": "00FF00", "yellow": "FFFF00", "red": "FF0000",
-             "cyan": "00FFFF", "blue": "0000FF", "gray": "FFFFFF", "bop orange": "FF8000",
-             "bop purple": "8000FF", "bop blue": "0080FF"}
-    return named.get(colormap, "FFFFFF")
-
-
 def layer_file_stem(name: str) -> str:
     """A file name for a layer ("H&E" -> "HandE", "IHC-HER2" stays)."""
     return name.replace("&", "and").replace("/", "_")
@@ -788,7 +782,7 @@ def write_translation(result: RegionTranslation, out_dir: str | Path, source: st
             meta.update(source_slide=str(source), source_box_level0_xywh=list(result.box),
                         scale_um_yx=list(result.scale_um), translate_um_yx=list(result.translate_um))
             options = dict(mpp=result.output_mpp, channel_names=["R", "G", "B"] if rgb else [layer.name],
-                           colors=None if rgb else [_color_hex(layer.colormap)], metadata=meta)
+                           colors=None if rgb else [colormap_hex(layer.colormap)], metadata=meta)
             stem = layer_file_stem(layer.name)
             write_ome_zarr(tmp / f"{stem}.ome.zarr", image, **options)
             set_ngff_translation(tmp / f"{stem}.ome.zarr", result.translate_um, result.output_mpp)

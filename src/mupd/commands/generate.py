@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 from PIL import Image
 
 from ..engine.api import GenerateRequest
 from ..errors import ConditionError
+from ..mosaic import mosaic
 from . import request_arg
 
 
@@ -43,20 +43,6 @@ def parse_guidance(items: list[str]) -> dict[str, float]:
         if not sep:
             raise ConditionError(f"guidance {item!r} is not MODALITY=SCALE (e.g. text=3)")
     return guidance
-
-
-def mosaic(images: np.ndarray, columns: int | None = None, gap: int = 0) -> np.ndarray:
-    """Tiles side by side in a near-square grid, white where the grid is not full and in the gaps."""
-    n, h, w = images.shape[:3]
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    grid = np.full((rows * h + (rows - 1) * gap, columns * w + (columns - 1) * gap) + images.shape[3:],
-                   255, dtype=images.dtype)
-    for i, tile in enumerate(images):
-        r, c = divmod(i, columns)
-        y, x = r * (h + gap), c * (w + gap)
-        grid[y : y + h, x : x + w] = tile
-    return grid
 
 
 def run(args: argparse.Namespace) -> int:

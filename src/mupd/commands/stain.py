@@ -71,7 +71,7 @@ def run_slide(args: argparse.Namespace, slide: str) -> int:
     from ..io import read_geojson
     from ..scores import ScoredRegion, write_score_files
     from ..slides import check_output_folder
-    from .console import ConsoleProgress
+    from ..console import ConsoleProgress
 
     check_output_folder(args.out, remedy="choose another --out (mupd stain never replaces or "
                         "deletes files)")  # before loading the model or reading a pixel
@@ -123,7 +123,7 @@ def run_cohort(args: argparse.Namespace) -> int:
                           read_rows, stain_cohort, write_table)
     from ..distributed import join_launch, shard
     from ..engine.local import LocalEngine
-    from .console import CohortBars, console_line
+    from ..console import CohortBars, console_line
 
     if args.box or args.geojson:
         raise RegionError("--box and --geojson pick a region of one slide; a cohort is stained "

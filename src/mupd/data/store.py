@@ -23,8 +23,6 @@ pixel-aligned with the H&E tile of the same record.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -33,6 +31,7 @@ import pandas as pd
 import zarr
 
 from ..errors import DataError, OutputExistsError
+from ..io.atomic import atomic_output, atomic_write_text
 
 MANIFEST_COLUMNS = ("patient", "slide", "x", "y", "mpp", "tile_size", "source")
 #: Records per shard folder.
@@ -211,12 +210,6 @@ def _write_shard(folder: Path, tiles: np.ndarray, manifest: pd.DataFrame,
     manifest.to_csv(folder / "manifest.csv", index=False)
 
 
-def _replace_file(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _stack(arrays, names: Sequence[str]) -> Optional[np.ndarray]:
     """(N, K, ...) from a name -> (N, ...) dict in `names` order, or the array as given."""
     if arrays is None:
@@ -255,21 +248,15 @@ def append_patch_store(path: str | Path, tiles: np.ndarray, manifest: pd.DataFra
     for start in range(0, len(tiles), SHARD_RECORDS):
         part = slice(start, start + SHARD_RECORDS)
         name = f"{len(info['shards']):06d}"
-        tmp = path / "shards" / f".{name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(path / "shards" / name, ignore_errors=True)  # renamed, never listed: a crash
-        try:
+        # a folder of that name is a crash's, renamed but never listed: replaced
+        with atomic_output(path / "shards" / name, overwrite=True) as tmp:
             _write_shard(tmp, tiles[part], manifest.iloc[part],
                          *(None if a is None else a[part] for a in (stack, valid, rna, targets)))
-            os.replace(tmp, path / "shards" / name)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         info["shards"].append(name)
-        _replace_file(info_path, json.dumps(info, indent=1))
+        atomic_write_text(info_path, json.dumps(info, indent=1), fsync=False)
     all_rows = pd.concat([pd.read_csv(path / "shards" / s / "manifest.csv", dtype=str)
                           for s in info["shards"]], ignore_index=True)
-    _replace_file(path / "manifest.csv", all_rows.to_csv(index=False))
+    atomic_write_text(path / "manifest.csv", all_rows.to_csv(index=False), fsync=False)
     return path
 
 
@@ -308,19 +295,11 @@ def write_patch_store(
             "markers": names, "marker_scales": dict(marker_scales or {}), "attrs": dict(attrs or {}),
             "targets": list(targets) if isinstance(targets, Mapping) else list(target_names or []),
             "shards": []}
-    tmp = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        _replace_file(tmp / "store.json", json.dumps(info, indent=1))
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        (tmp / "store.json").write_text(json.dumps(info, indent=1))
         append_patch_store(tmp, tiles, manifest, markers=markers, marker_valid=marker_valid, rna=rna,
                            targets=targets)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -50,7 +50,7 @@ def default_data_root() -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConditionError, DataError
-    from ..commands.console import ConsoleProgress
+    from ..console import ConsoleProgress
     from ..commands.generate import parse_guidance
     from .run import EvalSettings, run_evaluation
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import DataError, ModelError, OutputExistsError
+from ..names import SOURCE
 from ..paths import STAIN_CATALOGUE
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
 from .augment import evaluate_augmentation
@@ -205,7 +206,7 @@ class Guided:
         return getattr(self._pipeline, name)
 
     def translate(self, *args: Any, **kwargs: Any) -> Any:
-        source = {k: w for k, w in self.guidance.items() if k == "source"}
+        source = {k: w for k, w in self.guidance.items() if k == SOURCE}
         return self._pipeline.translate(*args, **({"guidance": source} if source else {}), **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

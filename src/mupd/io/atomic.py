@@ -2,11 +2,14 @@
 
 A crash mid-write leaves no half file under the final name; the temporary is removed. A run
 killed outright (SIGKILL, OOM) cannot remove its temporaries, so each one is named after its
-owner (host and pid) and the next run into the same place removes those of dead owners.
+owner (host and pid) and the next run into the same place removes those of dead owners. Every
+temporary name is unique (owner plus a random part), so concurrent writers of one output never
+share one: the last to finish wins, whole.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -92,7 +95,8 @@ def owned_tempdir(prefix: str, parent: str | os.PathLike | None = None) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{owner_tag()}.", dir=folder))
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush one file or folder entry (a folder: the names in it, e.g. after a rename)."""
     try:
         fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
     except OSError:  # a folder cannot be opened on Windows: nothing to flush there
@@ -108,7 +112,7 @@ def fsync_tree(path: Path) -> None:
     rename then finds the data, not empty or truncated files)."""
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
         if not p.is_symlink():
-            _fsync(p)
+            fsync_path(p)
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -152,25 +156,39 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, fsync: bool 
                     _link_tree(entry, tmp / entry.name)
         if fsync:
             fsync_tree(tmp)
-        if is_folder:
-            # os.replace cannot replace a non-empty folder: move the old one aside first (a run
-            # killed in between is undone by the next one: see `remove_stale`).
-            old = final.with_name(f"{tag}.old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            _remove(old)
-        else:
-            os.replace(tmp, final)
+        _swap_in(tmp, final, final.with_name(f"{tag}.old"))
         if fsync:
-            _fsync(final.parent)  # the rename itself
+            fsync_path(final.parent)  # the rename itself
     finally:
         _remove(tmp)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Replace the file `path` by `text` atomically and durably (fsync'd before and after the
-    rename): a crash or power cut leaves the old content or the new, never a truncated file."""
+def _swap_in(tmp: Path, final: Path, old: Path) -> None:
+    """Rename `tmp` onto `final`. os.replace cannot replace a non-empty folder, so an existing
+    folder is moved aside to `old` first (a run killed in between is undone by the next one: see
+    `remove_stale`); when another writer's output lands between the two renames, it is moved
+    aside in turn and the rename tried again."""
+    while True:
+        if final.is_dir() and not final.is_symlink():
+            _remove(old)
+            try:
+                os.replace(final, old)
+            except FileNotFoundError:  # another writer moved it aside first
+                pass
+        try:
+            os.replace(tmp, final)
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    _remove(old)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> Path:
+    """Replace the file `path` by `text` atomically and (with `fsync`) durably, flushed before
+    and after the rename: a crash or power cut leaves the old content or the new, never a
+    truncated file."""
     final = Path(path)
-    with atomic_output(final, overwrite=True, fsync=True) as tmp:
+    with atomic_output(final, overwrite=True, fsync=fsync) as tmp:
         tmp.write_text(text)
     return final

