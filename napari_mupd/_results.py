@@ -1,4 +1,7 @@
-"""Engine results as napari layers, placed in micrometres over (or beside) the source slide."""
+"""Engine results as napari layers, placed in micrometres over (or beside) the source slide.
+
+The one place a result layer (`mupd.regions.outputs.StainLayer`) becomes a napari layer tuple.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from mupd.engine.api import StainLayer
+from mupd.regions.outputs import StainLayer
 
 LayerData = tuple[Any, dict, str]
 RESULT_KEY = "mupd_result"  # metadata flag of layers this plugin made
@@ -28,14 +31,14 @@ def stain_layer_data(layers: Sequence[StainLayer], region: str) -> list[LayerDat
     """IHC/H&E results as RGB at partial opacity; markers additive with their named colormaps."""
     out = []
     for layer in layers:
-        data = np.asarray(layer.data)
-        width_um = data.shape[1] * layer.scale_um[1]
+        data, where = np.asarray(layer.data), layer.placement
+        width_um = data.shape[1] * where.scale_um[1]
         meta = {**layer.metadata, RESULT_KEY: True, "region": region,
-                "mupd_translate_um": list(layer.translate_um),
+                "mupd_translate_um": list(where.translate_um),
                 "mupd_side_offset_um": width_um * (1 + SIDE_GAP)}
         kwargs: dict[str, Any] = {
-            "name": result_name(layer.name, region), "scale": layer.scale_um,
-            "translate": layer.translate_um, "units": ("um", "um"), "metadata": meta,
+            "name": result_name(layer.name, region), "scale": where.scale_um,
+            "translate": where.translate_um, "units": ("um", "um"), "metadata": meta,
         }
         if layer.kind == "rgb":
             kwargs.update(rgb=True, opacity=IHC_OPACITY, blending="translucent")

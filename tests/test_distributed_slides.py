@@ -18,7 +18,7 @@ def _rank(rank: int, world: int, port: int, model: str, out: str, stains: list) 
 
     from mupd.distributed import translate_distributed
     from mupd.pipeline import MuPDPipeline
-    from mupd.slides import ArraySlide
+    from mupd.regions.source import ArraySlide
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -39,7 +39,8 @@ def test_two_processes_equal_one_process_and_the_plain_translator(tmp_path):
     import torch
 
     from mupd.pipeline import MuPDPipeline
-    from mupd.slides import ArraySlide, RegionTranslator
+    from mupd.regions.source import ArraySlide
+    from mupd.regions.translate import RegionTranslator
 
     model = save_tiny_model(tmp_path / "model")
     pipeline = MuPDPipeline.from_pretrained(model)

@@ -9,7 +9,7 @@ from mupd.data.crops import centred_tiles
 from mupd.io import open_slide
 from mupd.io.resample import array_reader, resample_window, resize_array
 from mupd.io.samples import sample_slide_path
-from mupd.slides import _read_tile
+from mupd.regions.source import read_tile
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_training_crop_equals_the_inference_tile_at_the_same_place(cmu, mpp):
     factor = mpp / cmu.mpp[0]
     for cx, cy in [(1000.0, 1400.0), (812.3, 1733.9)]:
         crop = centred_tiles(level0, np.array([[cx, cy]]), 128, factor)[0]
-        tile = _read_tile(cmu, cx - 64 * factor, cy - 64 * factor, 128, factor)
+        tile = read_tile(cmu, cx - 64 * factor, cy - 64 * factor, 128, factor)
         np.testing.assert_array_equal(crop, tile)
         assert crop.std() > 5  # real tissue, not a blank
 

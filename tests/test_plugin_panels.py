@@ -376,7 +376,7 @@ def test_translate_panel_against_a_real_server(make_napari_viewer, qtbot, slide_
         # only float rounding (thread counts) may differ (docs/remote.md).
         ours, theirs = np.asarray(remote_layer.data), local.layers[0].data
         assert ours.shape == theirs.shape
-        assert np.allclose(remote_layer.translate, local.layers[0].translate_um)
+        assert np.allclose(remote_layer.translate, local.layers[0].placement.translate_um)
         assert np.allclose(ours, theirs, atol=1e-5), np.abs(ours - theirs).max()
     finally:
         server.stop()

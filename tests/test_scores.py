@@ -14,14 +14,17 @@ from shapely.geometry import Polygon
 from skimage.color import hed2rgb
 
 from mupd.engine import wire
-from mupd.engine.api import StainLayer, TranslateResult
+from mupd.engine.api import TranslateResult
 from mupd.errors import ConditionError
 from mupd.io import read_geojson
 from mupd.models.catalogue import DEFAULT_INTENSITY_BINS, StainCatalogue, intensity_bins_of
+from mupd.regions.outputs import StainLayer, write_translation
+from mupd.regions.plan import Placement
+from mupd.regions.source import ArraySlide
+from mupd.regions.translate import RegionTranslator
 from mupd.render import MarkerMap, render_ihc_cells
 from mupd.scores import (NEGATIVE_COLOR, POSITIVE_COLOR, CellReadout, intensity_class,
                          score_cells, score_marker)
-from mupd.slides import ArraySlide, RegionTranslator, write_translation
 from test_slides_render import _cmu
 from support_slides import TileContextPipeline
 
@@ -157,7 +160,7 @@ def test_region_cells_are_those_of_the_polygon_less_its_holes(region):
         assert s == score_marker(s.marker, cut.cells.levels[s.marker], cat.positivity_threshold,
                                  cat.intensity_bins)
     # cell outlines are in level-0 px: around their centre, inside the region's box
-    x, y, w, h = cut.box
+    x, y, w, h = cut.region.box
     assert cut.cells.outline_xy[:, 0].min() >= x - 1 and cut.cells.outline_xy[:, 0].max() <= x + w + 1
     assert cut.cells.outline_xy[:, 1].min() >= y - 1 and cut.cells.outline_xy[:, 1].max() <= y + h + 1
 
@@ -197,7 +200,8 @@ def test_scores_csv_and_qupath_geojson_read_back(region, tmp_path):
 
 def test_scores_and_cells_travel_over_the_wire(region):
     _, cut, _, _ = region
-    layer = StainLayer("Ki67", "marker", np.zeros((4, 4), np.float32), (1.0, 1.0), (0.0, 0.0))
+    layer = StainLayer("Ki67", "marker", np.zeros((4, 4), np.float32),
+                       Placement((0, 0, 4, 4), (1.0, 1.0), (0.0, 0.0)))
     sent = TranslateResult([layer], n_tiles=3, seconds=1.5, scores=cut.scores, cells=cut.cells)
     back = wire.decode_translate_result(wire.encode_translate_result(sent))
     assert back.scores == cut.scores

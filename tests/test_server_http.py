@@ -16,7 +16,7 @@ from mupd.engine.api import MAX_STEPS, GenerateRequest, TranslateRequest
 from mupd.engine.remote import AuthError, EngineUnreachableError, RemoteEngine, RemoteError
 from mupd.errors import CancelledError
 from mupd.progress import CancelToken
-from mupd.slides import ArraySlide
+from mupd.regions.source import ArraySlide
 from support_server import ServerProcess, free_port, save_tiny_model
 
 pytestmark = pytest.mark.timeout(300)
@@ -80,7 +80,7 @@ def test_translate_upload_equals_local_and_is_placed_over_the_slide(remote, loca
     for g, w in zip(got.layers, want.layers):
         assert g.data.shape == w.data.shape
         assert np.allclose(g.data.astype(float), w.data.astype(float), atol=1.01)
-        assert g.translate_um == w.translate_um
+        assert g.placement.translate_um == w.placement.translate_um
 
 
 def test_translate_a_slide_the_server_reads(server, local):
@@ -97,7 +97,8 @@ def test_translate_a_slide_the_server_reads(server, local):
                                                "slide_path": str(server.root / "slides" / "roi.png")}))
     for g, w in zip(got.layers, want.layers, strict=True):
         assert np.allclose(g.data.astype(float), w.data.astype(float), atol=1.01), g.name
-        assert g.translate_um == w.translate_um and g.scale_um == w.scale_um
+        assert g.placement.translate_um == w.placement.translate_um
+        assert g.placement.scale_um == w.placement.scale_um
 
 
 def test_slide_paths_are_confined_to_the_slide_roots(server, tmp_path):

@@ -17,7 +17,9 @@ from mupd.engine import wire
 from mupd.engine.api import TranslateRequest
 from mupd.engine.remote import RemoteEngine
 from mupd.io import open_slide
-from mupd.slides import ArraySlide, RegionTranslator, _read_tile, box_from_polygon
+from mupd.regions.plan import SlideGeometry, TileSpec, box_from_polygon, plan_region
+from mupd.regions.source import ArraySlide, read_tile
+from mupd.regions.translate import RegionTranslator
 from support_server import ServerProcess, save_tiny_model
 
 pytestmark = pytest.mark.timeout(600)
@@ -69,7 +71,8 @@ def test_remote_translate_equals_local(shared_data, local, remote, name, roi):
         else:  # uint8 renderings of those maps: float noise (thread counts) may flip a rounding
             diff = np.abs(g.data.astype(int) - w.data.astype(int))
             assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (g.name, diff.max(), (diff > 0).mean())
-        assert g.translate_um == w.translate_um and g.scale_um == w.scale_um
+        assert g.placement.translate_um == w.placement.translate_um
+        assert g.placement.scale_um == w.placement.scale_um
     marker = want.layers[0].data
     assert marker.max() > 0.05, "the region must hold tissue, or the comparison proves little"
     if roi == "polygon":  # the bottom-right tile misses the triangle: not run (it is tissue)
@@ -85,16 +88,17 @@ def test_the_upload_is_the_pyramid_level_the_local_run_reads(shared_data, local)
     sizes = {}
     for name in SLIDES:
         with open_slide(shared_data / "wsi" / name) as slide:
-            source = ArraySlide.from_slide(slide, BOX, info.mpp, info.tile_size)
+            source = ArraySlide.from_slide(slide, plan_region(
+                SlideGeometry.of(slide), TileSpec(info.tile_size, info.mpp), box=BOX))
             sizes[name] = source.image.nbytes
             rebuilt = ArraySlide(source.image.copy(), source.mpp, **source.frame())
             translator = RegionTranslator(local._pipeline)
             plan = translator.plan(slide, ["HER2"], box=BOX)
             for batch in plan.batches:
                 for oy, ox in batch:
-                    args = (BOX[0] + ox * plan.factor, BOX[1] + oy * plan.factor, info.tile_size,
-                            plan.factor)
-                    assert np.array_equal(_read_tile(rebuilt, *args), _read_tile(slide, *args))
+                    f = plan.region.factor
+                    args = (BOX[0] + ox * f, BOX[1] + oy * f, info.tile_size, f)
+                    assert np.array_equal(read_tile(rebuilt, *args), read_tile(slide, *args))
             if len(slide.levels) > 1:
                 assert source.level_size == (slide.levels[1].shape[1], slide.levels[1].shape[0])
     single, pyramid = sizes[SLIDES[0]], sizes[SLIDES[1]]

@@ -15,10 +15,11 @@ from mupd.engine.api import (
     GenerateRequest,
     GenerateResult,
     JobStatus,
-    StainLayer,
     TranslateRequest,
     TranslateResult,
 )
+from mupd.regions.outputs import StainLayer
+from mupd.regions.plan import Placement
 
 
 def test_generate_request_round_trip_keeps_reference_pixels():
@@ -34,15 +35,16 @@ def test_generate_request_round_trip_keeps_reference_pixels():
 def test_translate_result_round_trip_keeps_layers_and_placement():
     rgb = immunohistochemistry()[:40, :50]
     marker = np.linspace(0, 1, 40 * 50, dtype=np.float32).reshape(40, 50)
+    where = Placement((8, 12, 100, 80), (0.5, 0.5), (1.25, -3.0))
     res = TranslateResult(layers=[
-        StainLayer("IHC-HER2", "rgb", rgb, (0.5, 0.5), (1.25, -3.0), "gray", {"target": "HER2"}),
-        StainLayer("HER2", "marker", marker, (0.5, 0.5), (1.25, -3.0), "magenta"),
+        StainLayer("IHC-HER2", "rgb", rgb, where, "gray", {"target": "HER2"}),
+        StainLayer("HER2", "marker", marker, where, "magenta"),
     ], n_tiles=4, seconds=0.5)
     back = wire.decode_translate_result(wire.encode_translate_result(res))
     assert [l.name for l in back.layers] == ["IHC-HER2", "HER2"]
     assert np.array_equal(back.layers[0].data, rgb) and back.layers[1].data.dtype == np.float32
     assert np.array_equal(back.layers[1].data, marker)
-    assert back.layers[0].translate_um == (1.25, -3.0) and back.layers[0].metadata == {"target": "HER2"}
+    assert back.layers[0].placement == where and back.layers[0].metadata == {"target": "HER2"}
     assert back.n_tiles == 4
 
 

@@ -21,10 +21,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 RSS_LIMIT_MB = 4096
 SCRIPT = r"""
 import json, sys, time
-import mupd.slides
+import mupd.regions.blend
 from mupd.cli import main
 
-mupd.slides.IN_MEMORY_LIMIT_PX = 0  # disk-backed sums, as for a whole section
+mupd.regions.blend.IN_MEMORY_LIMIT_PX = 0  # disk-backed sums, as for a whole section
 start = time.perf_counter()
 code = main(sys.argv[1:])
 # VmHWM belongs to this process's own address space; ru_maxrss would also carry the high-water

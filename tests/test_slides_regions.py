@@ -9,11 +9,14 @@ import pytest
 from skimage.data import immunohistochemistry
 from skimage.registration import phase_cross_correlation
 
-import mupd.slides as slides
+import mupd.regions.blend as blend
 from mupd.errors import CancelledError, ConditionError, OutputExistsError, RegionError, SlideError
 from mupd.io import open_slide
 from mupd.progress import CancelToken
-from mupd.slides import ArraySlide, RegionTranslator, write_translation
+from mupd.regions.outputs import write_translation
+from mupd.regions.plan import SlideGeometry, pick_level
+from mupd.regions.source import ArraySlide
+from mupd.regions.translate import RegionTranslator
 from support_slides import TileContextPipeline, cmu_slide_path
 
 
@@ -26,7 +29,7 @@ def test_polygon_runs_only_the_tiles_it_touches(cmu):
     pipe = TileContextPipeline(tile_size=128, mpp=1.0)
     triangle = [(300, 300), (1900, 300), (300, 1900)]  # level-0 px; lower-right half is outside
     result = RegionTranslator(pipe, batch_size=8, tissue_only=False)(cmu, ["Ki67"], polygon=triangle)
-    assert result.box == (300, 300, 1600, 1600)
+    assert result.region.box == (300, 300, 1600, 1600)
     assert 0 < pipe.tiles_seen < result.n_tiles and result.n_skipped == result.n_tiles - pipe.tiles_seen
     marker = np.asarray(result.layers[0].data)
     assert marker[-20:, -20:].max() == 0  # far corner: outside, no tile ran there
@@ -42,8 +45,9 @@ def test_coarser_pyramid_level_gives_the_same_pixels(shared_data, cmu):
         pipe = TileContextPipeline(tile_size=128, mpp=2.0)
         result = RegionTranslator(pipe, tissue_only=False)(slide, ["H&E"], box=box)
         outs.append(np.asarray(result.layers[0].data).astype(float))
-    assert slides._pick_level(pyramid, 2.0 / 0.499)[1] == pytest.approx(4.0, abs=0.01)
-    assert slides._pick_level(cmu, 2.0 / 0.499)[1] == 1.0
+    for slide, downsample in ((pyramid, pytest.approx(4.0, abs=0.01)), (cmu, 1.0)):
+        geometry = SlideGeometry.of(slide)
+        assert pick_level(geometry.dimensions, geometry.level_sizes, 2.0 / 0.499)[1] == downsample
     # the same place: pixel mean-reduced levels blur a little differently than a Gaussian, no shift
     shift, _, _ = phase_cross_correlation(outs[0].mean(axis=2), outs[1].mean(axis=2), upsample_factor=20)
     assert np.abs(shift).max() * 2.0 / 0.499 < 1.0, f"{shift} output px"
@@ -54,7 +58,7 @@ def test_disk_backed_sums_equal_memory_and_are_removed_after_writing(cmu, tmp_pa
     box = (517, 333, 700, 600)
     memory = RegionTranslator(TileContextPipeline(), tissue_only=False)(cmu, ["HER2"], box=box)
     assert memory.workdir is None
-    monkeypatch.setattr(slides, "IN_MEMORY_LIMIT_PX", 0)
+    monkeypatch.setattr(blend, "IN_MEMORY_LIMIT_PX", 0)
     disk = RegionTranslator(TileContextPipeline(), tissue_only=False)(
         cmu, ["HER2"], box=box, workdir=tmp_path)
     assert disk.workdir is not None and disk.workdir.parent == tmp_path
@@ -67,7 +71,7 @@ def test_disk_backed_sums_equal_memory_and_are_removed_after_writing(cmu, tmp_pa
 
 
 def test_cancel_from_progress_stops_within_one_batch_and_cleans_up(cmu, tmp_path, monkeypatch):
-    monkeypatch.setattr(slides, "IN_MEMORY_LIMIT_PX", 0)  # sums on disk: there is something to clean
+    monkeypatch.setattr(blend, "IN_MEMORY_LIMIT_PX", 0)  # sums on disk: there is something to clean
     pipe, token, batch = TileContextPipeline(), CancelToken(), 4
 
     def progress(event):
@@ -84,7 +88,8 @@ def test_cancel_from_progress_stops_within_one_batch_and_cleans_up(cmu, tmp_path
 KILLED_RUN = r"""
 import os, signal, sys
 from skimage.data import immunohistochemistry
-from mupd.slides import ArraySlide, RegionTranslator
+from mupd.regions.source import ArraySlide
+from mupd.regions.translate import RegionTranslator
 from support_slides import TileContextPipeline
 
 def die(event):
@@ -149,7 +154,7 @@ def test_array_slide_whole_region_runs_with_tissue_detection():
     image = immunohistochemistry()
     pipe = TileContextPipeline(tile_size=128, mpp=0.5)
     result = RegionTranslator(pipe)(ArraySlide(image, mpp=0.5), ["Ki67"])
-    assert result.box == (0, 0, 512, 512) and result.layers[0].data.shape == (512, 512)
+    assert result.region.box == (0, 0, 512, 512) and result.layers[0].data.shape == (512, 512)
     assert pipe.tiles_seen == result.n_tiles - result.n_skipped > 0
 
 
@@ -164,7 +169,7 @@ def test_engine_cancel_leaves_no_output_and_no_temporary_files(cmu, tmp_path, mo
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    monkeypatch.setattr(slides, "IN_MEMORY_LIMIT_PX", 0)
+    monkeypatch.setattr(blend, "IN_MEMORY_LIMIT_PX", 0)
     token, seen = CancelToken(), []
 
     def progress(event):

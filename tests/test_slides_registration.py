@@ -12,14 +12,16 @@ from skimage.registration import phase_cross_correlation
 from skimage.transform import AffineTransform, warp
 
 from mupd.io import open_slide
-from mupd.slides import RegionTranslator, placement, write_translation
+from mupd.regions.outputs import write_translation
+from mupd.regions.plan import Placement
+from mupd.regions.translate import RegionTranslator
 from support_slides import TileContextPipeline, cmu_slide_path
 
 BOX = (517, 333, 640, 512)  # odd level-0 offset, not a multiple of anything
 
 
 def reference_from_placement(slide, scale_um, translate_um, shape, shift_px=(0.0, 0.0)) -> np.ndarray:
-    """The slide resampled (skimage.warp, independent of slides.py) onto the grid the placement
+    """The slide resampled (skimage.warp, independent of mupd.regions) onto the grid the placement
     claims: output pixel (r, c) centre = translate + (r, c) * scale um = that / mpp level-0 px."""
     mx, my = slide.mpp
     x0, y0 = int(translate_um[1] / mx) - 16, int(translate_um[0] / my) - 16
@@ -49,7 +51,8 @@ def translated(shared_data):
 
 
 def test_placement_is_napari_pixel_centres():
-    scale, translate = placement((517, 333, 10, 10), (0.5, 0.5), 2.0)
+    placement = Placement.of((517, 333, 10, 10), (0.5, 0.5), 2.0)
+    scale, translate = placement.scale_um, placement.translate_um
     # output pixel 0 spans level-0 x 517..521 (edges); its centre 519 (edge) = pixel 518.5 -> 259.25 um
     assert scale == (2.0, 2.0)
     assert translate == pytest.approx((333 * 0.5 - 0.25 + 1.0, 517 * 0.5 - 0.25 + 1.0))
@@ -58,8 +61,9 @@ def test_placement_is_napari_pixel_centres():
 def test_rendered_ihc_keeps_source_hematoxylin_at_zero_shift(translated):
     slide, result = translated
     ihc = next(l for l in result.layers if l.name == "IHC-Ki67").data
-    ref = reference_from_placement(slide, result.scale_um, result.translate_um, ihc.shape[:2])
-    factor = result.output_mpp / slide.mpp[0]
+    where = result.region.placement
+    ref = reference_from_placement(slide, where.scale_um, where.translate_um, ihc.shape[:2])
+    factor = where.mpp / slide.mpp[0]
     shift, _, _ = phase_cross_correlation(hematoxylin(ref), hematoxylin(ihc), upsample_factor=20)
     assert np.abs(shift).max() * factor < 0.5, f"offset {shift * factor} level-0 px"
     # the identity (H&E) output *is* the slide on the claimed grid: blending and tiling add
@@ -68,13 +72,14 @@ def test_rendered_ihc_keeps_source_hematoxylin_at_zero_shift(translated):
     assert np.abs(he.astype(int) - ref)[8:-8, 8:-8].mean() < 0.2
     shift, _, _ = phase_cross_correlation(hematoxylin(ref), hematoxylin(he), upsample_factor=20)
     assert np.abs(shift).max() * factor < 0.5
-    off = reference_from_placement(slide, result.scale_um, result.translate_um, ihc.shape[:2], (1.0, 0.0))
+    off = reference_from_placement(slide, where.scale_um, where.translate_um, ihc.shape[:2], (1.0, 0.0))
     shift, _, _ = phase_cross_correlation(hematoxylin(off), hematoxylin(ihc), upsample_factor=20)
     assert shift[1] * factor == pytest.approx(-1.0, abs=0.35) and abs(shift[0] * factor) < 0.35
 
 
 def test_written_ome_zarr_carries_placement_channels_and_provenance(translated, tmp_path):
     slide, result = translated
+    where = result.region.placement
     out = write_translation(result, tmp_path / "out", source=str(slide.path))
     assert sorted(p.name for p in out.iterdir()) == ["HandE.ome.zarr", "IHC-Ki67.ome.zarr", "Ki67.ome.zarr",
                                                  "scores-Ki67.geojson", "scores.csv"]
@@ -82,9 +87,9 @@ def test_written_ome_zarr_carries_placement_channels_and_provenance(translated, 
     ms = ki67["ome"]["multiscales"][0]["datasets"]
     for i, ds in enumerate(ms):
         scale, trans = ds["coordinateTransformations"]
-        assert scale["scale"][1:] == pytest.approx([result.output_mpp * 2**i] * 2)
+        assert scale["scale"][1:] == pytest.approx([where.mpp * 2**i] * 2)
         # level i pixel 0 centre = level-0 centre + (2**i - 1) / 2 output pixels
-        want = np.asarray(result.translate_um) + (2**i - 1) / 2 * result.output_mpp
+        want = np.asarray(where.translate_um) + (2**i - 1) / 2 * where.mpp
         assert trans["translation"][1:] == pytest.approx(list(want))
     assert [c["label"] for c in ki67["ome"]["omero"]["channels"]] == ["Ki67"]
     assert ki67["ome"]["omero"]["channels"][0]["color"] == "FF0000"  # the catalogue's red

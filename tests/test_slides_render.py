@@ -22,7 +22,8 @@ from mupd.io import open_slide
 from mupd.io.resample import resample_window
 from mupd.models.catalogue import StainCatalogue, compartment_of, threshold_of
 from mupd.render import DAB_MAX, render_dab_ihc, render_ihc
-from mupd.slides import ArraySlide, RegionTranslator
+from mupd.regions.source import ArraySlide
+from mupd.regions.translate import RegionTranslator
 from support_slides import TileContextPipeline, cmu_slide_path
 
 

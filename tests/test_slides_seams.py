@@ -27,7 +27,9 @@ from scipy import ndimage
 
 from mupd.errors import ConditionError
 from mupd.io import open_slide
-from mupd.slides import RegionTranslator, TileGrid, _read_tile
+from mupd.regions.plan import TileGrid
+from mupd.regions.source import read_tile
+from mupd.regions.translate import RegionTranslator
 from support_slides import TileContextPipeline, cmu_slide_path, model_pipeline
 
 SEAM_LIMIT = 1.25
@@ -102,7 +104,7 @@ def test_overlapping_tiles_share_noise_so_model_predictions_agree(cmu):
     pipe = model_pipeline()
     tile, f = int(pipe.tile_size), pipe.mpp / cmu.mpp[0]
     shift = tile // 2
-    tiles = np.stack([_read_tile(cmu, BOX[0] + x * f, BOX[1], tile, f) for x in (0, shift)])
+    tiles = np.stack([read_tile(cmu, BOX[0] + x * f, BOX[1], tile, f) for x in (0, shift)])
     noise = pipe._noise(2, 0, [(0, 0), (0, shift)]).numpy()
     lat = shift // pipe.latent_step
     np.testing.assert_array_equal(noise[0][..., lat:], noise[1][..., :-lat])

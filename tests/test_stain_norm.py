@@ -7,7 +7,8 @@ import pytest
 
 from mupd.errors import ConditionError, MuPDError
 from mupd.io import open_slide
-from mupd.slides import ArraySlide, RegionTranslator, _read_box
+from mupd.regions.source import ArraySlide, read_box
+from mupd.regions.translate import RegionTranslator
 from mupd.stain_norm import check_method, fit_normalization, load_reference, stain_stats
 from test_slides_seams import border_energy_ratio, overlap_band_texture  # noqa: F401
 from support_slides import cmu_slide_path, model_pipeline
@@ -22,7 +23,7 @@ def cmu():
 
 @pytest.fixture(scope="module")
 def region(cmu) -> np.ndarray:
-    return _read_box(cmu, BOX[0], BOX[1], 400, 400, 2.0)
+    return read_box(cmu, BOX[0], BOX[1], 400, 400, 2.0)
 
 
 def _restained(rgb: np.ndarray) -> np.ndarray:

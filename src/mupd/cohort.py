@@ -203,7 +203,7 @@ def find_slides(inputs: Sequence[str], log: Log = print) -> list[CohortSlide]:
 def check_cohort_output(out: Path) -> None:
     """Refuse, before the model loads, an --out that is a file or holds something other than a
     cohort (anything not hidden, and no cohort.json): a cohort never writes among user files."""
-    from .slides import check_output_folder
+    from .regions.outputs import check_output_folder
 
     remedy = "choose another --out"
     check_output_folder(out, overwrite=True, remedy=remedy)  # a file at or above it
@@ -252,7 +252,8 @@ def _open(path: Path, fallback_mpp: Optional[float]) -> Any:
 
 def _stain(pipeline: Any, slide: CohortSlide, final: Path, settings: CohortSettings,
            fallback_mpp: Optional[float], progress: ProgressCallback) -> dict[str, Any]:
-    from .slides import RegionTranslator, write_translation
+    from .regions.outputs import write_translation
+    from .regions.translate import RegionTranslator
 
     with _open(slide.path, fallback_mpp) as opened:
         result = RegionTranslator(pipeline)(
@@ -263,7 +264,7 @@ def _stain(pipeline: Any, slide: CohortSlide, final: Path, settings: CohortSetti
             row: dict[str, Any] = {
                 "slide": str(slide.path), "output": slide.name, "status": "done",
                 "tiles": result.n_tiles, "tissue_tiles": result.n_tiles - result.n_skipped,
-                "seconds": round(result.seconds, 2), "region": " ".join(map(str, result.box)),
+                "seconds": round(result.seconds, 2), "region": " ".join(map(str, result.region.box)),
                 "mpp": round(float(opened.mpp[0]), 6)}
             for layer in result.layers:  # region means (background tiles count as zero)
                 if layer.kind == "marker":

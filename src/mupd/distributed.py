@@ -30,7 +30,9 @@ import numpy as np
 
 from .errors import MuPDError
 from .progress import ProgressCallback
-from .slides import RegionSums, RegionTranslator, write_translation
+from .regions.blend import RegionSums
+from .regions.outputs import write_translation
+from .regions.translate import RegionTranslator
 
 #: Bytes of one reduced strip per sum array (bounds the memory the reduction needs).
 STRIP_BYTES = 64 * 2**20

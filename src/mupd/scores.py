@@ -276,7 +276,7 @@ def write_qupath_scores(path: str | Path, regions: Sequence[ScoredRegion], marke
 def write_score_files(folder: str | Path, regions: Sequence[ScoredRegion],
                       overwrite: bool = False) -> list[Path]:
     """`scores.csv` and one `scores-<marker>.geojson` per marker into an existing `folder`."""
-    from .slides import layer_file_stem
+    from .regions.outputs import layer_file_stem
 
     folder = Path(folder)
     markers = list(dict.fromkeys(s.marker for item in regions for s in item.scores))

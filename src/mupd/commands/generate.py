@@ -48,7 +48,7 @@ def parse_guidance(items: list[str]) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     from ..engine.local import LocalEngine
     from ..models.rna import read_profile
-    from ..slides import check_output_folder
+    from ..regions.outputs import check_output_folder
 
     if args.text is None and args.rna is None:
         print("note: no text and no RNA given: unconditional samples")

@@ -70,7 +70,7 @@ def run_slide(args: argparse.Namespace, slide: str) -> int:
     from ..engine.local import LocalEngine
     from ..io import read_geojson
     from ..scores import ScoredRegion, write_score_files
-    from ..slides import check_output_folder
+    from ..regions.outputs import check_output_folder
     from ..console import ConsoleProgress
 
     check_output_folder(args.out, remedy="choose another --out (mupd stain never replaces or "

@@ -7,7 +7,6 @@ from .api import (
     GenerateRequest,
     GenerateResult,
     JobStatus,
-    StainLayer,
     TranslateRequest,
     TranslateResult,
 )
@@ -19,7 +18,6 @@ __all__ = [
     "GenerateRequest",
     "GenerateResult",
     "JobStatus",
-    "StainLayer",
     "TranslateRequest",
     "TranslateResult",
 ]

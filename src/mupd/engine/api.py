@@ -13,6 +13,7 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from ..progress import CancelToken, ProgressCallback
+from ..regions.outputs import StainLayer
 from ..scores import CellReadout, MarkerScore
 
 #: Most sampling steps one request may ask for (`mupd serve`, `mupd stain/generate --steps`):
@@ -65,21 +66,8 @@ class TranslateRequest:
 
 
 @dataclass
-class StainLayer:
-    """One result layer, placed over the source slide in micrometres."""
-
-    name: str
-    kind: str  # "rgb" (H, W, 3) uint8 or "marker" (H, W) float32 in [0, 1]
-    data: np.ndarray
-    scale_um: tuple[float, float]  # (y, x) micrometres per pixel
-    translate_um: tuple[float, float]  # (y, x) micrometres of the top-left pixel's origin
-    colormap: str = "gray"
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class TranslateResult:
-    layers: list[StainLayer]
+    layers: list[StainLayer]  # each placed over the source slide (`regions.outputs`)
     output_path: Optional[str] = None
     n_tiles: int = 0
     seconds: float = 0.0

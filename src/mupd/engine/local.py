@@ -6,6 +6,7 @@ feature behaves the same everywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -23,7 +24,6 @@ from .api import (
     GenerateRequest,
     GenerateResult,
     JobStatus,
-    StainLayer,
     TranslateRequest,
     TranslateResult,
 )
@@ -123,8 +123,9 @@ class LocalEngine:
     def translate_slide(self, slide: Any, request: TranslateRequest,
                         progress: Optional[ProgressCallback] = None,
                         cancel: Optional[CancelToken] = None) -> TranslateResult:
-        """`translate` on an opened slide, or an in-memory region (slides.ArraySlide)."""
-        from ..slides import RegionTranslator, check_output_folder, write_translation
+        """`translate` on an opened slide, or an in-memory region (regions.source.ArraySlide)."""
+        from ..regions.outputs import check_output_folder, write_translation
+        from ..regions.translate import RegionTranslator
 
         if request.output_path:
             check_output_folder(request.output_path)  # refuse before the work, not after
@@ -144,14 +145,9 @@ class LocalEngine:
                 result.load()
         finally:
             result.close()
-        layers = [
-            StainLayer(
-                name=l.name, kind=l.kind, data=l.data, scale_um=result.scale_um,
-                translate_um=result.translate_um, colormap=l.colormap,
-                metadata={k: v for k, v in l.metadata.items() if not k.startswith("_")},
-            )
-            for l in result.layers
-        ]
+        layers = [dataclasses.replace(l, metadata={k: v for k, v in l.metadata.items()
+                                                   if not k.startswith("_")})
+                  for l in result.layers]
         return TranslateResult(layers=layers, output_path=output, n_tiles=result.n_tiles,
                                seconds=result.seconds, scores=result.scores, cells=result.cells)
 

@@ -195,25 +195,29 @@ class RemoteEngine:
         """Send the pyramid-level pixels a local run would read for the region (with where they
         sit in the slide), so the server's tiles, and so its results, equal LocalEngine's."""
         from ..io import open_slide
-        from ..slides import ArraySlide, box_from_polygon, check_box
+        from ..regions.outputs import write_layers
+        from ..regions.plan import SlideGeometry, TileSpec, plan_region
+        from ..regions.source import ArraySlide
 
         info = self._info or self.info()
         with open_slide(request.slide_path, mpp=request.slide_mpp) as slide:
             if slide.mpp is None:
                 raise MuPDError(f"{slide.path}: the slide has no microns-per-pixel value; "
                                 "give one (slide_mpp / --mpp)")
-            box = (box_from_polygon(request.polygon) if request.polygon is not None
-                   else tuple(request.box or (0, 0, *slide.dimensions)))
-            check_box(box, slide.dimensions, f"slide {slide.path}")
-            source = ArraySlide.from_slide(slide, box, info.mpp, info.tile_size)
-        sent = dataclasses.replace(request, box=box, output_path=None, slide_mpp=None,
+            plan = plan_region(SlideGeometry.of(slide), TileSpec(info.tile_size, info.mpp),
+                               request.box, request.polygon, request.holes)
+            source = ArraySlide.from_slide(slide, plan)
+        sent = dataclasses.replace(request, box=plan.box, output_path=None, slide_mpp=None,
                                    slide_path=Path(request.slide_path).name)
         body = self._long_call("/translate",
                                wire.encode_region_upload(sent, source.image, source.mpp, source.frame()),
                                wire.NPZ_MEDIA_TYPE, progress, cancel)
         result = wire.decode_translate_result(body)
-        if request.output_path:
-            result.output_path = str(_write_layers(result, box, request, info.mpp))
+        if request.output_path:  # written here, by the writer LocalEngine uses
+            result.output_path = str(write_layers(
+                result.layers, request.output_path, source=request.slide_path,
+                annotation=plan.annotation(), scores=result.scores, cells=result.cells,
+                ome_tiff=request.ome_tiff))
         return result
 
     # -- fine-tuning jobs -------------------------------------------------------------------
@@ -275,19 +279,3 @@ def _raise_for_status(response: httpx.Response, url: str) -> None:
     if code == 409 and "cancel" in detail:
         raise CancelledError(detail)
     raise RemoteError(f"MuPD engine at {url}: {detail} (HTTP {code})", code)
-
-
-def _write_layers(result: TranslateResult, box: tuple[int, int, int, int],
-                  request: TranslateRequest, mpp: float) -> Any:
-    """Write uploaded-region results here, with the same writer LocalEngine uses."""
-    from ..slides import OutputLayer, RegionTranslation, write_translation
-
-    layers = result.layers
-    first = layers[0]
-    region = RegionTranslation(
-        layers=[OutputLayer(l.name, l.kind, l.data, l.colormap, dict(l.metadata)) for l in layers],
-        box=tuple(box), output_mpp=mpp, scale_um=first.scale_um, translate_um=first.translate_um,
-        n_tiles=0, n_skipped=0, seconds=0.0, polygon=request.polygon, holes=list(request.holes),
-        scores=result.scores, cells=result.cells)
-    return write_translation(region, request.output_path, source=request.slide_path,
-                             ome_tiff=request.ome_tiff)

@@ -452,7 +452,7 @@ def create_app(server: Server, token: str) -> FastAPI:
         body = await request.body()
         if kind == wire.NPZ_MEDIA_TYPE:
             req, image, mpp, frame = wire.decode_region_upload(body, 4 * cfg.max_request_bytes)
-            from ..slides import ArraySlide
+            from ..regions.source import ArraySlide
 
             if req.output_path:
                 raise AccessDenied("an uploaded region's results come back in the response; "
@@ -466,7 +466,7 @@ def create_app(server: Server, token: str) -> FastAPI:
             if not Path(req.slide_path).exists():
                 raise NotFound(f"slide {req.slide_path} does not exist on the server")
             if req.output_path:
-                from ..slides import check_output_folder
+                from ..regions.outputs import check_output_folder
 
                 req.output_path = str(confine(req.output_path, server.slide_roots, "output folder"))
                 check_output_folder(req.output_path, remedy="give another output_path (the server "
@@ -523,13 +523,14 @@ def create_app(server: Server, token: str) -> FastAPI:
 
 def _check_output(req: TranslateRequest, server: Server, slide: Any) -> None:
     """413 for a region with more output pixels (at the model's mpp) than the server allows."""
-    from ..slides import box_from_polygon
+    from ..regions.plan import SlideGeometry, TileSpec, plan_region
 
     if slide.mpp is None:
         return  # RegionTranslator refuses it with a clear message
-    box = box_from_polygon(req.polygon) if req.polygon is not None else req.box or (0, 0, *slide.dimensions)
-    factor = server.engine.info().mpp / (sum(slide.mpp) / 2)
-    out_pixels = box[2] * box[3] / factor**2
+    info = server.engine.info()
+    plan = plan_region(SlideGeometry.of(slide), TileSpec(info.tile_size, info.mpp),
+                       req.box, req.polygon, req.holes)
+    out_pixels = plan.n_pixels
     if out_pixels > server.config.max_output_pixels:
         raise TooLarge(f"the region is {out_pixels:.0f} output pixels at the model's mpp, more than "
                        f"this server's per-request limit of {server.config.max_output_pixels}; split it "

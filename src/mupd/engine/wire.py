@@ -22,12 +22,13 @@ import numpy as np
 
 from ..errors import MuPDError
 from ..models.rna import profile_from_request
+from ..regions.outputs import StainLayer
+from ..regions.plan import Placement
 from ..scores import CellReadout, MarkerScore
 from .api import (
     MPP_RANGE,
     GenerateRequest,
     GenerateResult,
-    StainLayer,
     TranslateRequest,
     TranslateResult,
 )
@@ -270,7 +271,7 @@ def encode_region_upload(req: TranslateRequest, image: np.ndarray, mpp: float | 
     """A translate request whose source is uploaded (H, W, 3) uint8 pixels.
 
     Without `frame` the image is a whole slide at `mpp` um/px (results placed in its own frame).
-    With `frame` (`slides.ArraySlide.frame()`: `origin`, `level_size`, `dimensions`) it is a
+    With `frame` (`regions.source.ArraySlide.frame()`: `origin`, `level_size`, `dimensions`) it is a
     window of one pyramid level of the client's slide whose level-0 pixels are `mpp` (x, y) um;
     `req.box` / `req.polygon` are then level-0 coordinates of that slide, and the server reads
     the same tiles as a local run on the slide file.
@@ -339,8 +340,7 @@ def decode_translate_result(body: bytes) -> TranslateResult:
     meta, arrays = decode_npz(body)
     layers = []
     for i, entry in enumerate(meta.pop("layers")):
-        entry["scale_um"] = tuple(entry["scale_um"])
-        entry["translate_um"] = tuple(entry["translate_um"])
+        entry["placement"] = from_json(Placement, entry["placement"], f"layers[{i}].placement")
         layers.append(StainLayer(data=arrays[f"layer{i}"], **entry))
     scores = [from_json(MarkerScore, s, f"scores[{k}]") for k, s in enumerate(meta.pop("scores", []))]
     cells = None

@@ -2,7 +2,7 @@
 
 A model trained on tiles cut with one kernel and applied to tiles cut with another sees a
 different image at the same place (sharper or softer, shifted by a fraction of a pixel). So
-slide tiles (`mupd.slides`), `Slide.read_region` / `thumbnail`, spot crops of plain images
+slide tiles (`mupd.regions.source`), `Slide.read_region` / `thumbnail`, spot crops of plain images
 (`mupd.data.crops`) and the fine-tune panel's layer crops all come through `resample_window`.
 
 Geometry: output pixel (r, c) is the area sample centred on source edge point
