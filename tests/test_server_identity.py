@@ -73,6 +73,12 @@ def test_remote_translate_equals_local(shared_data, local, remote, name, roi):
             assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (g.name, diff.max(), (diff > 0).mean())
         assert g.placement.translate_um == w.placement.translate_um
         assert g.placement.scale_um == w.placement.scale_um
+    # The predicted scores and cells the Translate panel tables come through the wire unchanged.
+    assert want.scores and [s.marker for s in got.scores] == [s.marker for s in want.scores]
+    for g, w in zip(got.scores, want.scores):
+        assert g.n_cells == w.n_cells > 0 and g.mean_level == pytest.approx(w.mean_level, abs=1e-5)
+        assert g.percent_positive == pytest.approx(w.percent_positive, abs=0.5)
+    assert np.allclose(got.cells.centroids, want.cells.centroids)
     marker = want.layers[0].data
     assert marker.max() > 0.05, "the region must hold tissue, or the comparison proves little"
     if roi == "polygon":  # the bottom-right tile misses the triangle: not run (it is tissue)
