@@ -78,6 +78,11 @@ class EvalSettings:
         if self.validate is not None and self.validate not in TRAIN_SECTIONS:
             raise DataError(f"validation section {self.validate!r} is not a training-patient section; "
                             f"choose from {', '.join(TRAIN_SECTIONS)}")
+        if self.quick:
+            self.train_spots = self.train_spots or 40
+            self.heldout_spots = self.heldout_spots or 24
+            self.n_tiles, self.steps, self.calibration_spots = 8, 4, 24
+            self.shots, self.synthetic, self.bootstrap = 4, 4, 200
 
     def split(self) -> tuple[tuple[str, ...], tuple[str, ...], str]:
         """(fitting sections, scored sections, the rule in words)."""
@@ -87,11 +92,6 @@ class EvalSettings:
         return fit, (self.validate,), (f"validation, not a held-out test: section {self.validate} of the training "
                                        f"patient C, left out of the model's training (its recipe must not "
                                        f"read it); baselines fit on {', '.join(fit)}")
-        if self.quick:
-            self.train_spots = self.train_spots or 40
-            self.heldout_spots = self.heldout_spots or 24
-            self.n_tiles, self.steps, self.calibration_spots = 8, 4, 24
-            self.shots, self.synthetic, self.bootstrap = 4, 4, 200
 
 
 def run_evaluation(model: Any, out: Path | str, settings: EvalSettings,
