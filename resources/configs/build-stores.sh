@@ -8,7 +8,7 @@ CAPTIONS=resources/configs/slide-captions.csv
 # VALIDATE=C6 builds the validation twins (stores/her2st-C-val, stores/he-val) without that
 # section, for resources/configs/mupd-tiny-val.yaml and `mupd eval --validate C6`.
 VALIDATE=${VALIDATE:-}
-SECTIONS=(); for s in "${SECTIONS[@]}"; do
+SECTIONS=(); for s in C2:0.686 C3:0.687 C4:0.687 C5:0.686 C6:0.687; do
   [ "${s%%:*}" = "$VALIDATE" ] || SECTIONS+=("$s"); done
 SUFFIX=${VALIDATE:+-val}
 # 1. HER2ST patient C spot tiles: RNA, derived captions, marker maps (RNA->H&E, H&E->marker)

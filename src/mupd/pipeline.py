@@ -27,6 +27,7 @@ from .guidance import check_guidance, guided_velocity
 from .models.catalogue import StainCatalogue
 from .models.codec import Codec, build_codec, load_codec, marker_codec, save_codec
 from .models.configs import PREDICTIONS, model_config
+from .models.readout import GeneReadout
 from .models.rna import RNATokenizer
 from .models.text import DEFAULT as TEXT_DEFAULT
 from .models.text import TextEncoder
@@ -131,6 +132,11 @@ class MuPDPipeline:
                              f"expects {transformer.config.latent_channels}")
         # None: the image codec also codes marker targets (every model before `marker_codec`)
         self.marker_codec = marker_codec(str(config.get("marker_codec", "codec")), codec)
+        self.gene_readout = GeneReadout.from_config(config.get("gene_readout"))
+        heads = int(transformer.config.get("readout_genes", 0))
+        if heads != (len(self.gene_readout.genes) if self.gene_readout else 0):
+            raise ModelError(f"the transformer's gene head has {heads} outputs but the config's "
+                             f"gene_readout names {len(self.gene_readout.genes) if self.gene_readout else 0} genes")
 
     # -- construction and folders ---------------------------------------------------------
     @property
@@ -177,9 +183,12 @@ class MuPDPipeline:
             tokenizer = RNATokenizer.from_file(panel, group_size=group)
         catalogue = StainCatalogue.load(config["catalogue"] or STAIN_CATALOGUE)
         config["text_dim"] = int(config["text_dim"] or text_encoder.hidden_size)
+        readout = GeneReadout.from_config(config["gene_readout"])
         transformer = MuPDTransformer(latent_channels=codec.latent_channels,
                                       text_dim=config["text_dim"], num_genes=tokenizer.n_genes,
-                                      rna_group_size=tokenizer.group_size, **config["transformer"])
+                                      rna_group_size=tokenizer.group_size,
+                                      readout_genes=len(readout.genes) if readout else 0,
+                                      **config["transformer"])
         return cls(transformer, codec, catalogue, tokenizer, text_encoder, config)
 
     def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
@@ -328,6 +337,16 @@ class MuPDPipeline:
             return ((images.mean(dim=1) + 1) / 2).cpu().numpy().astype(np.float32)
         return ((images + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
 
+    @torch.no_grad()
+    def _read_genes(self, noise: torch.Tensor, cond: dict[str, Any], marker: str) -> np.ndarray:
+        """A marker map from the gene head (`models.readout`): one pass at t = 1, as trained;
+        steps and guidance do not apply to it."""
+        t = torch.ones(noise.shape[0], device=self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=noise.device.type == "cuda"):
+            _, tokens = self.transformer(noise, t, **model_kwargs(cond), return_genes=True)
+        maps = self.gene_readout.marker_maps(tokens.float(), marker, self.tile_size)
+        return maps.cpu().numpy().astype(np.float32)
+
     @property
     def latent_step(self) -> int:
         """Image pixels per latent pixel: tiles placed on multiples of it can share one noise field."""
@@ -403,7 +422,8 @@ class MuPDPipeline:
                   strength: Optional[float] = None, prompt: Optional[str] = None,
                   ) -> dict[str, np.ndarray]:
         """H&E tiles (N, T, T, 3) uint8 -> {stain as given: (N, T, T, 3) uint8 for an RGB stain,
-        (N, T, T) float32 in [0, 1] for a marker}. steps=1 is the one-step readout.
+        (N, T, T) float32 in [0, 1] for a marker}. steps=1 is the one-step readout. A marker
+        that the model's gene readout covers is read by that head in one pass, whatever `steps`.
 
         `positions`: each tile's (y, x) origin in pixels of one shared frame (multiples of
         `latent_step`); overlapping tiles then share their starting noise, so their predictions
@@ -439,6 +459,9 @@ class MuPDPipeline:
                     cond["text"] = (text[0][start:start + n], text[1][start:start + n])
                     x, level = (1 - strength) * source + strength * x, strength
                 done = (c * len(targets) + j) * steps
+                if strength is None and self.gene_readout is not None and self.gene_readout.reads(name):
+                    out[name].append(self._read_genes(x, cond, target.name))
+                    continue
                 if level > 0:
                     x = self._sample(x, cond, steps, guidance, sampler, progress, cancel, done,
                                      chunks * len(targets) * steps, start=level)

@@ -151,11 +151,13 @@ def build_her2st_store(data_root: Path, out: Path, sections: Sequence[str], tile
                        mpp: float = 1.0, reference: Optional[dict] = None,
                        max_spots: Optional[int] = None, seed: int = 0, overwrite: bool = False,
                        progress: ProgressCallback = no_progress) -> tuple[Path, dict]:
-    """HER2ST sections with H&E (C2..C6 train; B4, A1 held out) on the 785-gene panel."""
+    """HER2ST sections with H&E (C2..C6 train; B4, A1 held out) on the 785-gene panel plus the
+    catalogue's marker genes (most are not in it), so a gene readout learns the markers too."""
     panel_file = Path(data_root) / HER2ST_PANEL
     if not panel_file.exists():
         raise DataError(f"HER2ST gene panel {panel_file} is missing")
-    panel = [str(g) for g in np.load(panel_file, allow_pickle=False)]
+    panel = list(dict.fromkeys([*(str(g) for g in np.load(panel_file, allow_pickle=False)),
+                                *marker_genes().values()]))
     tables = [her2st_spots(Path(data_root), name) for name in sections]
     return build_spot_store(tables, out, tile_size, mpp, panel=panel, reference=reference,
                             derive_captions=True, max_spots=max_spots, seed=seed,

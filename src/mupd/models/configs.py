@@ -63,6 +63,8 @@ class ModelConfig:
     readout_fraction: float = READOUT_FRACTION  # translation samples trained at t = 1
     prediction: str = "velocity"  # "velocity" or "x0" (see PREDICTIONS)
     marker_codec: str = "codec"  # how marker targets are coded: "codec" or "area" (codec.AreaCodec)
+    gene_readout: Optional[dict[str, Any]] = None  # `readout.GeneReadout` spec: marker maps read by
+    # a multi-gene head; a training recipe gives {} or {weight: w} and training fits the rest
 
 
 CONFIGS: dict[str, ModelConfig] = {

@@ -3,7 +3,8 @@
 Global conditioning (adaLN-Zero): timestep + target-stain token + "has a source" flag.
 Translation concatenates the source latents to the noisy latents along channels (zeros and
 flag 0 when there is none). Token conditioning: one cross-attention stream per modality in
-every block (see `attention.DCABlock`). The constructor arguments are the config, so
+every block (see `attention.DCABlock`). With `readout_genes` > 0 a linear head on the final
+tokens predicts a gene panel's expression per token (`models.readout`). The constructor arguments are the config, so
 `save_pretrained` / `from_pretrained` (diffusers, safetensors) need no extra code.
 """
 
@@ -34,7 +35,8 @@ class MuPDTransformer(ModelMixin, ConfigMixin):
     def __init__(self, latent_channels: int = 48, patch_size: int = 2, hidden_size: int = 192,
                  depth: int = 6, num_heads: int = 3, mlp_ratio: float = 4.0, max_stains: int = 64,
                  text_dim: int = 384, num_genes: int = 64, rna_group_size: int = 8,
-                 cond_dim: Optional[int] = None, reference_grid: int = 4) -> None:
+                 cond_dim: Optional[int] = None, reference_grid: int = 4,
+                 readout_genes: int = 0) -> None:
         super().__init__()
         cond_dim = cond_dim or hidden_size
         self.gradient_checkpointing = False
@@ -52,6 +54,8 @@ class MuPDTransformer(ModelMixin, ConfigMixin):
         self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.final_linear = nn.Linear(hidden_size, patch_size ** 2 * latent_channels)
+        self.gene_head = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, readout_genes)) \
+            if readout_genes > 0 else None
         nn.init.normal_(self.stain_embed.weight, std=EMBED_INIT_STD)
         nn.init.normal_(self.source_embed.weight, std=EMBED_INIT_STD)
         for layer in (self.final_modulation[1], self.final_linear):
@@ -85,13 +89,15 @@ class MuPDTransformer(ModelMixin, ConfigMixin):
                 reference: Optional[torch.Tensor] = None,
                 reference_present: Optional[torch.Tensor] = None,
                 source_present: Optional[torch.Tensor] = None,
-                scales: Optional[dict[str, float]] = None) -> torch.Tensor:
+                scales: Optional[dict[str, float]] = None,
+                return_genes: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Velocity for latents `sample` (B, C, h, w) at `timestep` (B,) in [0, 1] (1 = noise).
 
         `stain` (B,) long: catalogue ids. `source` (B, C, h, w) or None; `source_present` (B,) bool marks
         which samples have one when a batch mixes translation and generation. Each modality is given
         as tokens + mask; a sample whose mask row is all False does not have it. `scales`
-        multiplies each stream's output (0 = skip the stream)."""
+        multiplies each stream's output (0 = skip the stream). `return_genes`: also the gene
+        head's (B, N tokens, G) predictions (row-major token grid)."""
         b, _, h, w = sample.shape
         has_source = source is not None
         if has_source and source_present is not None:  # a batch mixing tasks: zero the absent
@@ -121,5 +127,9 @@ class MuPDTransformer(ModelMixin, ConfigMixin):
             else:
                 x = block(x, c, contexts, scales)
         shift, scale = self.final_modulation(c).chunk(2, dim=-1)
-        x = self.final_linear(modulate(self.final_norm(x), shift, scale))
-        return self._unpatchify(x, h, w)
+        out = self._unpatchify(self.final_linear(modulate(self.final_norm(x), shift, scale)), h, w)
+        if not return_genes:
+            return out
+        if self.gene_head is None:
+            raise ValueError("this transformer has no gene readout head (readout_genes=0)")
+        return out, self.gene_head(x)

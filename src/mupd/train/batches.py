@@ -30,6 +30,8 @@ class Sample:
     # "target" and, for translation, "source", in place of the pixels (see train/latents.py)
     target_valid: Optional[np.ndarray] = None  # (H, W) bool: where the target was measured
     # (a marker map from spot RNA is measured inside spot footprints only); None: everywhere
+    genes: Optional[np.ndarray] = None  # (G,) the tile's spot RNA (log1p CPM, NaN unmeasured) over
+    # the model's gene readout panel: the target of `models.readout` (translation samples)
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -105,6 +107,14 @@ def collate(samples: Sequence[Sample], rna_tokenizer: Any = None) -> dict[str, A
                    for s in samples]
     if any(with_source) and not all(with_source):  # multi-task batch: which samples have one
         batch["source_present"] = torch.tensor(with_source)
+    if any(s.genes is not None for s in samples):
+        width = {len(s.genes) for s in samples if s.genes is not None}
+        if len(width) > 1:
+            raise DataError(f"gene readout targets of different lengths {sorted(width)} in one batch "
+                            f"({', '.join(names)})")
+        blank = np.full(width.pop(), np.nan, dtype=np.float32)
+        batch["genes"] = torch.stack([torch.from_numpy(np.asarray(
+            s.genes if s.genes is not None else blank, dtype=np.float32)) for s in samples])
     if any(s.text for s in samples):
         batch["text"] = [s.text or None for s in samples]
     if any(s.rna is not None for s in samples):

@@ -20,7 +20,9 @@ from ..conditions import model_kwargs
 from ..errors import ConditionError
 from ..models.attention import MODALITIES
 from ..models.codec import encode_targets
+from ..data.sections import footprint_mask
 from ..models.configs import READOUT_FRACTION
+from ..models.readout import gene_loss, spot_weights
 
 
 class FlowMatchingObjective:
@@ -33,6 +35,7 @@ class FlowMatchingObjective:
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
+        self._weights: Optional[torch.Tensor] = None
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -78,7 +81,9 @@ class FlowMatchingObjective:
         (a batch mixing tasks);
         "text" list[str | None]; "rna_values" (B, G) + "rna_mask" (B, G) bool;
         "reference" (B, 3, H, W) + optional "reference_present" (B,) bool;
-        optional "target_valid" (B, 1, H, W) in [0, 1]: where the target counts in the loss."""
+        optional "target_valid" (B, 1, H, W) in [0, 1]: where the target counts in the loss;
+        optional "genes" (B, G): spot RNA for the model's gene readout (`models.readout`), whose
+        masked loss is added with its weight."""
         pipe = self.pipeline
         model = model if model is not None else pipe.transformer
         device = pipe.device
@@ -125,8 +130,27 @@ class FlowMatchingObjective:
             t = torch.where(translating & (draw((b,), False) < readout), torch.ones_like(t), t)
         tt = t[:, None, None, None]
         xt = (1 - tt) * x0 + tt * noise
-        pred = pipe.as_velocity(model(xt, t, **model_kwargs(cond)), xt, t)
+        readout = getattr(pipe, "gene_readout", None)
+        readout_genes = readout is not None and batch.get("genes") is not None
+        out = model(xt, t, **model_kwargs(cond), **({"return_genes": True} if readout_genes else {}))
+        out, tokens = out if readout_genes else (out, None)
+        pred = pipe.as_velocity(out, xt, t)
         error = (pred.float() - (noise - x0).float()) ** 2
         if weight is None:
-            return error.mean()
-        return (error * weight).sum() / (weight.sum() * error.shape[1]).clamp_min(1e-8)
+            loss = error.mean()
+        else:
+            loss = (error * weight).sum() / (weight.sum() * error.shape[1]).clamp_min(1e-8)
+        if tokens is None:
+            return loss
+        # the gene head learns where translation is read: the t = 1 samples with a source
+        rows = (t >= 1) & cond.get("source_present", torch.ones(b, dtype=torch.bool, device=device))
+        return loss + readout.weight * gene_loss(tokens, batch["genes"].to(device),
+                                                 self._spot_weights(), readout, rows)
+
+    def _spot_weights(self) -> torch.Tensor:
+        """Token weights of the central spot footprint, made once per objective."""
+        if self._weights is None:
+            pipe = self.pipeline
+            token_px = pipe.codec.downsample * pipe.transformer.config.patch_size
+            self._weights = spot_weights(footprint_mask(pipe.tile_size, pipe.mpp), token_px)
+        return self._weights

@@ -17,19 +17,27 @@ from ..progress import CancelToken, ProgressCallback, ProgressEvent
 from .batches import Sample
 from .card import write_model_card
 from .checkpoint import CheckpointManager
-from .config import ModelSection, TrainConfig, TrainConfigError, dump_config
+from .config import DataSection, ModelSection, TrainConfig, TrainConfigError, dump_config
 from .loss import FlowMatchingObjective
 from .trainer import Trainer, TrainResult, make_accelerator
 
 
-def load_pipeline(model: ModelSection) -> Any:
+def load_pipeline(model: ModelSection, data: Optional[DataSection] = None) -> Any:
+    """The model to train; a fresh one's `gene_readout` override ({} or {weight: w}) is
+    completed from the training rows of `data.store` (`store.fit_gene_readout`)."""
     from ..pipeline import MuPDPipeline
 
     if model.base:
         if not Path(model.base).is_dir():
             raise ModelError(f"model.base {model.base} is not a model folder")
         return MuPDPipeline.from_pretrained(model.base)
-    return MuPDPipeline.from_config_name(model.name, **model.overrides)
+    overrides = dict(model.overrides)
+    readout = overrides.get("gene_readout")
+    if isinstance(readout, dict) and "genes" not in readout and data is not None:
+        from .store import fit_gene_readout
+
+        overrides["gene_readout"] = fit_gene_readout(data, readout.get("weight"))
+    return MuPDPipeline.from_config_name(model.name, **overrides)
 
 
 def training_samples(config: TrainConfig, pipeline: Any) -> tuple[Sequence[Sample], str, str]:
@@ -108,7 +116,7 @@ def train(config: TrainConfig, resume: bool = False, progress: Optional[Progress
     """
     run_dir = Path(config.output)
     _check_output(run_dir, resume, config.optim.max_steps)
-    pipeline = pipeline if pipeline is not None else load_pipeline(config.model)
+    pipeline = pipeline if pipeline is not None else load_pipeline(config.model, config.data)
     objective = objective if objective is not None else FlowMatchingObjective(pipeline)
     samples, data_text, split_text = training_samples(config, pipeline)
     accelerator = make_accelerator(config.optim.mixed_precision, config.optim.compile)

@@ -8,7 +8,7 @@ with data-loader workers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -21,8 +21,16 @@ class StoreSamples(Sequence[Sample]):
     """One Sample per (tile, target) pair of the selected rows of a PatchStore: a marker map
     (float, from spot RNA) or a paired stain tile (RGB uint8, pixel-aligned with the H&E)."""
 
-    def __init__(self, store: Any, rows: np.ndarray, data: DataSection) -> None:
+    def __init__(self, store: Any, rows: np.ndarray, data: DataSection,
+                 genes: Sequence[str] = ()) -> None:
+        """`genes`: the model's gene readout panel; translation samples then carry their spot's
+        RNA over it (the store's gene list must be that panel)."""
         self.store, self.rows, self.data = store, rows, data
+        self.genes = bool(genes) and data.task == "translate"
+        if self.genes and list(getattr(store, "genes", None) or []) != list(genes):
+            raise DataError(f"patch store {data.store} holds RNA over {len(getattr(store, 'genes', None) or [])} "
+                            f"genes, not the model's gene readout panel of {len(genes)}: train the "
+                            f"readout on the store it was fitted on")
         self.targets = list(data.targets)
         # a target is a marker map (from spot RNA) or a paired stain tile (BCI / MIST, registered)
         self.paired = set(getattr(store, "targets", {}) or {})
@@ -57,6 +65,8 @@ class StoreSamples(Sequence[Sample]):
             else:  # a marker map counts only where a spot measured it
                 sample.target = np.asarray(self.store.markers[stain][row], dtype=np.float32)
                 sample.target_valid = np.asarray(self.store.marker_valid[stain][row], dtype=bool)
+            if self.genes:
+                sample.genes = np.asarray(self.store.rna[row], dtype=np.float32)
         if "text" in self.data.conditions:
             sample.text = self.store.captions[row] or None
         if "rna" in self.data.conditions:
@@ -65,6 +75,23 @@ class StoreSamples(Sequence[Sample]):
                 sample.rna = dict(zip(self.store.genes, values.tolist()))
                 sample.rna_normalized = bool(getattr(self.store, "rna_normalized", False))
         return sample
+
+
+def fit_gene_readout(data: DataSection, weight: Optional[float] = None) -> dict[str, Any]:
+    """The gene readout spec (`models.readout.GeneReadout`) from the training rows of
+    `data.store`: its gene panel, their mean and std over those spots, its marker scales."""
+    from ..data.markers import marker_genes
+    from ..data.store import PatchStore
+    from ..models.readout import GeneReadout
+
+    store = PatchStore(data.store)
+    if getattr(store, "rna", None) is None or not store.genes:
+        raise DataError(f"model.overrides.gene_readout needs spot RNA, but patch store {data.store} "
+                        f"holds none")
+    rows = select_rows(store.manifest["patient"], data)
+    values = np.stack([np.asarray(store.rna[int(r)], dtype=np.float32) for r in rows])
+    return GeneReadout.fit(store.genes, values, store.marker_scales, marker_genes(),
+                           *(() if weight is None else (float(weight),))).to_config()
 
 
 def select_rows(patients: Sequence[str], data: DataSection) -> np.ndarray:
@@ -89,13 +116,16 @@ def store_samples(config: TrainConfig, pipeline: Any) -> tuple[Sequence[Sample],
     description = (f"Patch store `{data.store}`: {len(rows)} tiles, task {data.task}, "
                    f"conditions {', '.join(data.conditions) or 'none'}.")
     if data.task != "both":
-        samples: Sequence[Sample] = StoreSamples(store, rows, data)
+        readout = getattr(pipeline, "gene_readout", None)
+        samples: Sequence[Sample] = StoreSamples(store, rows, data, readout.genes if readout else ())
     else:
         generate = dataclasses.replace(data, task="generate", targets=["H&E"])
         translate = dataclasses.replace(data, task="translate", conditions=[],
                                         targets=[t for t in data.targets if t != "H&E"])
         # Balanced: each tile is seen as often for generation as for translation (all markers).
-        gen, trans = StoreSamples(store, rows, generate), StoreSamples(store, rows, translate)
+        readout = getattr(pipeline, "gene_readout", None)
+        gen = StoreSamples(store, rows, generate)
+        trans = StoreSamples(store, rows, translate, readout.genes if readout else ())
         samples = MixedSamples([gen] * len(translate.targets) + [trans])
     extra = [he_tiles(path, data.exclude_patients, text="text" in data.conditions)
              for path in data.generate_stores]
