@@ -71,8 +71,9 @@ class StoreSamples(Sequence[Sample]):
             sample.text = self.store.captions[row] or None
         if "rna" in self.data.conditions:
             values = np.asarray(self.store.rna[row], dtype=np.float32)
-            if np.isfinite(values).any():
-                sample.rna = dict(zip(self.store.genes, values.tolist()))
+            measured = np.isfinite(values)
+            if measured.any():  # a gene the section did not measure is absent, not NaN
+                sample.rna = {g: float(v) for g, v, ok in zip(self.store.genes, values, measured) if ok}
                 sample.rna_normalized = bool(getattr(self.store, "rna_normalized", False))
         return sample
 
