@@ -53,8 +53,9 @@ def _crop_world(layer: Any, box: np.ndarray, shape: tuple[int, int]) -> np.ndarr
 
 
 def layers_to_pairs(source: Any, target: Any, stain: str, tile: int, mpp: float, out: Path) -> int:
-    """Cut two overlapping layers into `out/HE/*.png` + `out/<stain>/*.png` pairs; returns the count."""
-    from skimage.io import imsave
+    """Cut two overlapping layers at the model's mpp into a pairs folder (`out/HE` +
+    `out/<stain>`, `mupd.data.pairs.write_pair_folder`); returns the count."""
+    from mupd.data.pairs import write_pair_folder
 
     lo = np.maximum(_world_box(source)[0], _world_box(target)[0])
     hi = np.minimum(_world_box(source)[1], _world_box(target)[1])
@@ -71,15 +72,7 @@ def layers_to_pairs(source: Any, target: Any, stain: str, tile: int, mpp: float,
     if tgt.ndim == 2:  # a marker map: keep its contrast range as 8-bit grey
         lo_v, hi_v = target.contrast_limits
         tgt = np.clip((tgt - lo_v) / max(hi_v - lo_v, 1e-9), 0, 1) * 255
-    (out / "HE").mkdir(parents=True)
-    (out / stain).mkdir()
-    for r in range(rows):
-        for c in range(cols):
-            name = f"tile_r{r:03d}_c{c:03d}.png"
-            sl = (slice(r * tile, (r + 1) * tile), slice(c * tile, (c + 1) * tile))
-            imsave(out / "HE" / name, he[sl][..., :3].round().astype(np.uint8), check_contrast=False)
-            imsave(out / stain / name, tgt[sl].round().astype(np.uint8), check_contrast=False)
-    return rows * cols
+    return write_pair_folder(he.round().astype(np.uint8), tgt.round().astype(np.uint8), stain, tile, out)
 
 
 def default_output(base: str) -> str:
@@ -187,6 +180,10 @@ class FinetunePanel(QWidget):
             raise DataError(f"target stain name {stain!r}: use letters, digits and & + _ . - only")
         if info is None:
             raise DataError("the engine is still loading: try again in a moment")
+        if info.remote:  # the pairs would be cut into a folder on this machine
+            raise DataError("pairs cut from open layers are written on this machine, which the remote "
+                            "engine cannot read: cut them with a local engine, copy the pairs folder "
+                            "into the server's data roots and fine-tune from that folder")
         data = Path(f"{output}.pairs")
         if data.exists():
             raise DataError(f"{data} already exists: choose another output folder")

@@ -88,3 +88,25 @@ def test_registration_refuses_too_few_landmarks(shared_data):
         register_landmarks(fixed, read_landmarks(folder / "Rat-Kidney_PanCytokeratin.csv"))
     with pytest.raises(DataError, match="cannot read landmarks"):
         read_landmarks(folder / "Rat-Kidney_HE.jpg")
+
+
+def test_write_pair_folder_gives_the_pairs_layout_fine_tuning_reads(tmp_path):
+    from mupd.data.pairs import write_pair_folder
+    from mupd.errors import OutputExistsError
+    from mupd.train.folders import load_folder
+
+    rng = np.random.default_rng(0)
+    he = rng.integers(0, 255, (70, 100, 3), dtype=np.uint8)
+    marker = rng.integers(0, 255, (70, 100), dtype=np.uint8)
+    assert write_pair_folder(he, marker, "Ki67-mine", 32, tmp_path / "pairs") == 6  # 2 x 3, edges dropped
+    data = load_folder(tmp_path / "pairs", 32)
+    assert data.kind == "pairs" and data.stains == {"Ki67-mine": "marker"} and len(data.samples) == 6
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pairs" / "HE" / "tile_r001_c002.png")),
+                                  he[32:64, 64:96])
+    with pytest.raises(OutputExistsError):  # never over a folder that is there
+        write_pair_folder(he, marker, "Ki67-mine", 32, tmp_path / "pairs")
+    with pytest.raises(DataError, match="differ in size"):
+        write_pair_folder(he, marker[:40], "Ki67-mine", 32, tmp_path / "other")
+    with pytest.raises(DataError, match="no 128 px tile"):
+        write_pair_folder(he, marker, "Ki67-mine", 128, tmp_path / "other")
+    assert not (tmp_path / "other").exists()

@@ -424,6 +424,28 @@ def test_finetune_panel_from_open_layers_registers_the_new_model(make_napari_vie
     local_engine.install(make_local_engine())
 
 
+def test_finetune_panel_refuses_layer_pairs_for_a_remote_engine(make_napari_viewer, errors, tmp_path,
+                                                                slide_path, local_engine, monkeypatch):
+    """Pairs cut from layers land on this machine; a remote engine could not read them."""
+    import dataclasses
+
+    from napari_mupd._finetune_panel import LAYERS, FinetunePanel
+    from napari_mupd._session import EngineSession, session
+
+    viewer = make_napari_viewer()
+    slide = open_slide(viewer, slide_path)
+    target = viewer.add_image(np.zeros((64, 64), np.float32), name="Ki67 [ROI]")
+    remote = dataclasses.replace(session().current_info, remote=True)
+    monkeypatch.setattr(EngineSession, "current_info", property(lambda self: remote))
+    panel = FinetunePanel(viewer)
+    panel.source_kind.value = LAYERS
+    panel.source_layer.value, panel.target_layer.value = slide, target
+    panel.output.value = str(tmp_path / "my-model")
+    assert panel.start() is None
+    assert "remote engine cannot read" in errors[-1]
+    assert not (tmp_path / "my-model.pairs").exists()
+
+
 def test_finetune_panel_refuses_existing_output_and_missing_folder(make_napari_viewer, errors, tmp_path,
                                                                    local_engine):
     from napari_mupd._finetune_panel import FinetunePanel

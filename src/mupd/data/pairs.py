@@ -203,3 +203,28 @@ def pair_tiles(source: np.ndarray, target: np.ndarray, tile_size: int, scale: fl
     empty = np.zeros((0, tile_size, tile_size, 3), np.uint8)
     return (np.asarray(xy, dtype=float).reshape(-1, 2), np.stack(he) if he else empty,
             np.stack(other) if other else empty)
+
+
+def write_pair_folder(he: np.ndarray, target: np.ndarray, stain: str, tile_size: int,
+                      out: Path) -> int:
+    """Cut two pixel-aligned images (the H&E and its target: RGB, or a grey uint8 marker map)
+    on a non-overlapping grid into the fine-tuning "pairs" layout (`out/HE/*.png` +
+    `out/<stain>/*.png`, same names); written whole or not at all. Returns the pair count."""
+    from ..io.atomic import atomic_output
+
+    if he.shape[:2] != target.shape[:2]:
+        raise DataError(f"pair images differ in size: {he.shape[:2]} vs {target.shape[:2]}")
+    rows, cols = he.shape[0] // tile_size, he.shape[1] // tile_size
+    if rows < 1 or cols < 1:
+        raise DataError(f"pair images of {he.shape[1]} x {he.shape[0]} px hold no {tile_size} px tile")
+    with atomic_output(out) as tmp:
+        (tmp / "HE").mkdir(parents=True)
+        (tmp / stain).mkdir()
+        for r in range(rows):
+            for c in range(cols):
+                name = f"tile_r{r:03d}_c{c:03d}.png"
+                window = (slice(r * tile_size, (r + 1) * tile_size),
+                          slice(c * tile_size, (c + 1) * tile_size))
+                Image.fromarray(np.ascontiguousarray(he[window][..., :3], np.uint8)).save(tmp / "HE" / name)
+                Image.fromarray(np.ascontiguousarray(target[window], np.uint8)).save(tmp / stain / name)
+    return rows * cols
