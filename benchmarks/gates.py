@@ -1,6 +1,9 @@
 """The model issue's gates (a)-(g) and the shipping comparison, from two `mupd eval` results.
 
-    .venv/bin/python benchmarks/gates.py CANDIDATE/results.json [BUNDLED/results.json]
+    .venv/bin/python benchmarks/gates.py CANDIDATE/results.json [BUNDLED/results.json ...]
+
+A model evaluated in parts (`mupd eval --tasks`, e.g. markers one day and generation the next)
+is given as several results files; their tasks are joined, their settings must agree.
 
 Prints one markdown table: each gate's value for both models, whether it is met, and which model
 is better by more than the seed spread (the larger of the two seed stds; ties otherwise). Both
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 DENSITY = "hematoxylin density"
+#: The task sections of a results file (`mupd eval --tasks` writes the ones it ran).
+TASK_KEYS = ("markers", "rna_to_he", "text_to_he", "augmentation")
 
 
 def _mean_partial(method: dict[str, Any]) -> float:
@@ -71,19 +76,31 @@ def _same_evaluation(a: dict[str, Any], b: dict[str, Any]) -> None:
         raise SystemExit(f"not the same evaluation: settings {differ} or tile geometry differ")
 
 
+def _load(paths: list[Path]) -> dict[str, Any]:
+    """One model's results from one or more partial reports of the same evaluation."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    merged = dict(parts[0])
+    for part in parts[1:]:
+        _same_evaluation(merged, part)
+        if Path(part["model"]).name != Path(merged["model"]).name:  # the folder may have moved
+            raise SystemExit(f"reports of two models joined: {merged['model']} and {part['model']}")
+        merged.update({k: v for k, v in part.items() if k in TASK_KEYS})
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("candidate", type=Path)
-    parser.add_argument("bundled", type=Path, nargs="?", help="omit: the candidate's gates alone")
+    parser.add_argument("bundled", type=Path, nargs="*", help="omit: the candidate's gates alone")
     args = parser.parse_args()
     cand = json.loads(args.candidate.read_text())
-    if args.bundled is None:
+    if not args.bundled:
         print("| gate | value | met |\n|---|---|---|")
         for name, (v, s, met, _) in gates(cand).items():
             print(f"| {name} | {v:.3f}" + (f" ± {s:.3f}" if s is not None else "") +
                   f" | {'yes' if met else 'no'} |")
         return
-    base = json.loads(args.bundled.read_text())
+    base = _load(args.bundled)
     _same_evaluation(cand, base)
     gc, gb = gates(cand), gates(base)
     fmt = lambda v, s: f"{v:.3f}" + (f" ± {s:.3f}" if s is not None else "")  # noqa: E731
