@@ -90,7 +90,7 @@ def test_confine_resolves_symlinks_and_refuses_escapes(tmp_path):
 def test_job_records_are_written_atomically_and_fsynced(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from mupd.engine.api import FinetuneRequest
+    from mupd.requests import FinetuneRequest
     from mupd.engine.server import Server, ServerConfig
 
     engine = SimpleNamespace(info=lambda: SimpleNamespace(model_path=str(tmp_path)))
