@@ -21,9 +21,10 @@ from matplotlib.figure import Figure
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
-from mupd.engine.api import EngineInfo, FinetuneRequest, JobStatus
+from mupd.engine.api import EngineInfo, JobStatus
 from mupd.errors import CancelledError, DataError, MuPDError
 from mupd.progress import ProgressEvent
+from mupd.requests import FinetuneRequest
 
 from . import _settings
 from ._regions import is_slide_layer

@@ -137,7 +137,7 @@ def test_slide_without_mpp_asks_for_it(shared_data, model, tmp_path, capsys):
 
 @pytest.mark.parametrize("steps", ["0", "-5", "100000000"])
 def test_steps_out_of_range_are_refused_while_parsing(tmp_path, capsys, steps):
-    from mupd.engine.api import MAX_STEPS
+    from mupd.requests import MAX_STEPS
 
     with pytest.raises(SystemExit) as exit:  # argparse: before any file or model is touched
         main(["stain", str(tmp_path / "slide.svs"), "--stains", "Ki67", "--out", str(tmp_path / "out"),

@@ -1,9 +1,11 @@
 """The npe2 manifest: valid, found by napari, one file; and the import contract both ways: the
 plugin never imports torch (the panels reach torch only through a local engine, created when a
-job needs it), the engine never imports napari or Qt."""
+job needs it), the engine never imports napari or Qt; and training never imports the engine
+(the engine runs training, so an import back would be a cycle)."""
 
 from __future__ import annotations
 
+import ast
 import logging
 import subprocess
 import sys
@@ -13,21 +15,26 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-#: Imports every module of a package (argv[1]), then prints the loaded top-level packages.
+#: Imports every module of a package (argv[1]), then prints every loaded module's name.
 IMPORT_ALL = """
 import importlib, pkgutil, sys
 package = importlib.import_module(sys.argv[1])
 for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
     importlib.import_module(module.name)
-print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
+print(" ".join(sorted(sys.modules)))
 """
 
 
-def _imported_by_all_of(package: str) -> set[str]:
+def _modules_loaded_by_all_of(package: str) -> set[str]:
     proc = subprocess.run([sys.executable, "-c", IMPORT_ALL, package], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
     return set(proc.stdout.split())
+
+
+def _imported_by_all_of(package: str) -> set[str]:
+    """The top-level packages that importing every module of `package` loads."""
+    return {name.split(".")[0] for name in _modules_loaded_by_all_of(package)}
 
 
 def test_manifest_validates() -> None:
@@ -90,6 +97,36 @@ def test_engine_modules_never_import_napari_or_qt() -> None:
     gui = {name for name in loaded
            if name in {"napari", "qtpy", "magicgui", "superqt"} or name.startswith("PyQt")}
     assert not gui, f"importing mupd loads {sorted(gui)}"
+
+
+def _engine_imports(path: Path, package: str) -> list[str]:
+    """`path:line` of each import of `mupd.engine` in a module of `package`, at any depth (a
+    function-level import counts), written absolute or relative."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = parts[:len(parts) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names = [module, *(f"{module}.{a.name}" for a in node.names)]
+        else:
+            continue
+        if any(n == "mupd.engine" or n.startswith("mupd.engine.") for n in names):
+            found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_train_modules_never_import_the_engine() -> None:
+    train = REPO / "src" / "mupd" / "train"
+    direct = [hit for path in sorted(train.rglob("*.py"))
+              for hit in _engine_imports(path, ".".join(["mupd", *path.parent.relative_to(train.parent).parts]))]
+    assert not direct, f"mupd.train imports mupd.engine at {direct}"
+    loaded = _modules_loaded_by_all_of("mupd.train")
+    assert "mupd.train.finetune" in loaded  # the walk reached the fine-tuning code
+    engine = sorted(name for name in loaded if name == "mupd.engine" or name.startswith("mupd.engine."))
+    assert not engine, f"importing mupd.train loads {engine}"
 
 
 def test_reader_declines_what_is_not_a_slide(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

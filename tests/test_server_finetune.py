@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from skimage.data import immunohistochemistry
 
-from mupd.engine.api import FinetuneRequest
 from mupd.engine.remote import RemoteEngine, RemoteError
+from mupd.requests import FinetuneRequest
 from support_server import ServerProcess, save_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -12,11 +12,12 @@ import pytest
 from skimage.data import immunohistochemistry
 
 from mupd.engine import wire
-from mupd.engine.api import MAX_STEPS, GenerateRequest, TranslateRequest
+from mupd.engine.api import GenerateRequest, TranslateRequest
 from mupd.engine.remote import AuthError, EngineUnreachableError, RemoteEngine, RemoteError
 from mupd.errors import CancelledError
 from mupd.progress import CancelToken
 from mupd.regions.source import ArraySlide
+from mupd.requests import MAX_STEPS
 from support_server import ServerProcess, free_port, save_tiny_model
 
 pytestmark = pytest.mark.timeout(300)

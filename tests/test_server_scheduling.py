@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from mupd.engine.server import AccessDenied, DeviceBusy, DeviceSlot, confine
+from mupd.engine.server.errors import AccessDenied, DeviceBusy
+from mupd.engine.server.paths import confine
+from mupd.engine.server.slot import DeviceSlot
 from mupd.errors import CancelledError
 from mupd.progress import CancelToken
 
@@ -90,8 +92,8 @@ def test_confine_resolves_symlinks_and_refuses_escapes(tmp_path):
 def test_job_records_are_written_atomically_and_fsynced(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from mupd.engine.api import FinetuneRequest
-    from mupd.engine.server import Server, ServerConfig
+    from mupd.requests import FinetuneRequest
+    from mupd.engine.server.core import Server, ServerConfig
 
     engine = SimpleNamespace(info=lambda: SimpleNamespace(model_path=str(tmp_path)))
     server = Server(engine, ServerConfig(state_dir=str(tmp_path / "state")))

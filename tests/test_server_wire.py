@@ -11,7 +11,6 @@ from skimage.data import immunohistochemistry
 
 from mupd.engine import wire
 from mupd.engine.api import (
-    FinetuneRequest,
     GenerateRequest,
     GenerateResult,
     JobStatus,
@@ -20,6 +19,7 @@ from mupd.engine.api import (
 )
 from mupd.regions.outputs import StainLayer
 from mupd.regions.plan import Placement
+from mupd.requests import FinetuneRequest
 
 
 def test_generate_request_round_trip_keeps_reference_pixels():

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from mupd.cli import main
-from mupd.engine.api import FinetuneRequest
 from mupd.errors import OutputExistsError
 from mupd.pipeline import MuPDPipeline
+from mupd.requests import FinetuneRequest
 
 
 @pytest.fixture(scope="module")

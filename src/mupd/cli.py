@@ -20,7 +20,7 @@ COMMAND_MODULES: list[str] = [
     "mupd.commands.stain",
     "mupd.commands.generate",
     "mupd.train.commands",
-    "mupd.engine.server",
+    "mupd.engine.server.cli",
     "mupd.eval.command",
     "mupd.data.command",
 ]

@@ -1,9 +1,9 @@
 """Engines: the one interface the plugin talks to (local in-process, or remote over HTTP)."""
 
+from ..requests import FinetuneRequest
 from .api import (
     Engine,
     EngineInfo,
-    FinetuneRequest,
     GenerateRequest,
     GenerateResult,
     JobStatus,

@@ -3,6 +3,7 @@
 Requests and results are dataclasses of JSON-able fields plus numpy arrays, so the same
 objects travel in-process (LocalEngine) and over HTTP (RemoteEngine: JSON + npz/PNG, never
 pickle). Coordinates are level-0 pixels of the source slide; placements are micrometres.
+The fine-tune request and the fields' limits live in `mupd.requests`, which `train` shares.
 """
 
 from __future__ import annotations
@@ -14,21 +15,8 @@ import numpy as np
 
 from ..progress import CancelToken, ProgressCallback
 from ..regions.outputs import StainLayer
+from ..requests import MAX_SEED, MAX_STEPS, MPP_RANGE, FinetuneRequest, bounded
 from ..scores import CellReadout, MarkerScore
-
-#: Most sampling steps one request may ask for (`mupd serve`, `mupd stain/generate --steps`):
-#: work and memory grow with steps, so an unbounded count lets one request take the host.
-MAX_STEPS = 1000
-#: Seeds are 0..2**63-1: torch's generator takes no more (a larger one was a 500, not a 4xx).
-MAX_SEED = 2**63 - 1
-#: Micrometres per pixel a request may state for a slide or an upload.
-MPP_RANGE = (1e-4, 1e4)
-
-
-def bounded(default: Any, low: float, high: float) -> Any:
-    """A dataclass field whose number the wire and the CLI refuse outside low..high (see
-    `wire.check_value`): the range lives with the field, checked once at the boundary."""
-    return field(default=default, metadata={"range": (low, high)})
 
 
 @dataclass
@@ -96,18 +84,6 @@ class GenerateResult:
     missing_genes: list[str] = field(default_factory=list)
     used_genes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-@dataclass
-class FinetuneRequest:
-    data_dir: str
-    output_dir: str
-    base_model: Optional[str] = None  # None: the engine's current model
-    method: str = "lora"  # "lora" or "full"
-    steps: int = bounded(200, 1, 10**7)
-    learning_rate: float = 1e-4
-    batch_size: int = bounded(4, 1, 4096)
-    seed: int = bounded(0, 0, MAX_SEED)
 
 
 @dataclass

@@ -18,9 +18,9 @@ import numpy as np
 from ..errors import ModelError
 from ..paths import DEFAULT_MODEL, cache_dir
 from ..progress import CancelToken, ProgressCallback
+from ..requests import FinetuneRequest
 from .api import (
     EngineInfo,
-    FinetuneRequest,
     GenerateRequest,
     GenerateResult,
     JobStatus,

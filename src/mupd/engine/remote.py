@@ -22,10 +22,10 @@ import httpx
 
 from ..errors import CancelledError, MuPDError
 from ..progress import CancelToken, ProgressCallback, ProgressEvent
+from ..requests import FinetuneRequest
 from . import wire
 from .api import (
     EngineInfo,
-    FinetuneRequest,
     GenerateRequest,
     GenerateResult,
     JobStatus,

@@ -25,8 +25,8 @@ from ..models.rna import profile_from_request
 from ..regions.outputs import StainLayer
 from ..regions.plan import Placement
 from ..scores import CellReadout, MarkerScore
+from ..requests import MPP_RANGE
 from .api import (
-    MPP_RANGE,
     GenerateRequest,
     GenerateResult,
     TranslateRequest,
@@ -139,7 +139,7 @@ def _is_unicode(text: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _schema(cls: type) -> dict[str, tuple[Any, Optional[tuple[float, float]]]]:
-    """field -> (type hint, range) of a request dataclass (the range from `api.bounded`)."""
+    """field -> (type hint, range) of a request dataclass (the range from `requests.bounded`)."""
     hints = typing.get_type_hints(cls)
     return {f.name: (hints[f.name], f.metadata.get("range")) for f in dataclasses.fields(cls)}
 

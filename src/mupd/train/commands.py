@@ -103,7 +103,7 @@ def run_train_vae(args: argparse.Namespace) -> int:
 
 def run_finetune_command(args: argparse.Namespace) -> int:
     from ..console import ConsoleProgress
-    from ..engine.api import FinetuneRequest
+    from ..requests import FinetuneRequest
     from .finetune import run_finetune
 
     request = FinetuneRequest(data_dir=args.data, output_dir=args.out, base_model=args.base,

@@ -17,10 +17,10 @@ from typing import Any, Optional
 
 import torch
 
-from ..engine.api import FinetuneRequest
 from ..errors import DataError, ModelError, OutputExistsError
 from ..paths import DEFAULT_MODEL
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
+from ..requests import FinetuneRequest
 from .card import write_model_card
 from .config import CheckpointSection, OptimSection
 from .folders import load_folder
