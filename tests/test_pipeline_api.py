@@ -327,7 +327,7 @@ def test_a_model_folder_refers_only_to_safetensors_files_inside_it(tmp_path, pip
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsync'd files through /proc")
 def test_a_save_that_dies_midway_leaves_the_old_model_whole(tmp_path, he_tiles, monkeypatch):
-    import mupd.pipeline as pipeline_module
+    import mupd.model_folder as model_folder
 
     old, new = small_pipeline(seed=1), small_pipeline(seed=2)
     folder = old.save_pretrained(tmp_path / "model")
@@ -338,7 +338,7 @@ def test_a_save_that_dies_midway_leaves_the_old_model_whole(tmp_path, he_tiles, 
     def die(*args):
         raise RuntimeError("killed")  # after the transformer is written, before the codec
 
-    monkeypatch.setattr(pipeline_module, "save_codec", die)
+    monkeypatch.setattr(model_folder, "save_codec", die)
     with pytest.raises(RuntimeError, match="killed"):
         new.save_pretrained(folder, overwrite=True)
     assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
