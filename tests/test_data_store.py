@@ -103,7 +103,7 @@ def test_her2st_store_from_real_spots(shared_data, tmp_path):
     path, ref = build_her2st_store(shared_data, tmp_path / "c2", ["C2"], max_spots=24)
     store = PatchStore(path)
     assert 12 <= len(store) <= 24  # most spot tiles lie on tissue
-    assert set(store.manifest.patient) == {"C"} and len(store.genes) == 785
+    assert set(store.manifest.patient) == {"C"} and len(store.genes) == 793  # the 785-gene panel + 8 marker genes it lacks
     assert {"slide", "x", "y", "mpp", "slide_mpp"} <= set(store.manifest.columns)
     assert (store.manifest.slide == "C2").all() and np.allclose(store.manifest.slide_mpp, 0.686, atol=0.01)
     assert set(store.markers) >= {"HER2", "ER", "Ki67", "CD45"}
