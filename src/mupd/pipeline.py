@@ -176,11 +176,14 @@ class MuPDPipeline:
             return None
         return self.text_encoder.encode(list(texts), device=self.device)
 
-    def _model_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        """One transformer pass as a velocity (`guidance.Velocity`); bf16 autocast on CUDA."""
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], **kwargs: Any) -> Any:
+        """One transformer pass under `cond`; bf16 autocast on CUDA."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            out = self.transformer(x, t, **model_kwargs(cond)).float()
-        return self.as_velocity(out, x, t)
+            return self.transformer(x, t, **model_kwargs(cond), **kwargs)
+
+    def _model_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """One transformer pass as a velocity (`guidance.Velocity`)."""
+        return self.as_velocity(self._forward(x, t, cond).float(), x, t)
 
     # -- sampling -------------------------------------------------------------------------
     def _scheduler(self, sampler: Optional[str]) -> FlowMatchScheduler:
@@ -221,9 +224,8 @@ class MuPDPipeline:
     def _read_genes(self, noise: torch.Tensor, cond: dict[str, Any], marker: str) -> np.ndarray:
         """A marker map from the gene head (`models.readout`): one pass at t = 1, as trained;
         steps and guidance do not apply to it."""
-        t = torch.ones(noise.shape[0], device=self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=noise.device.type == "cuda"):
-            _, tokens = self.transformer(noise, t, **model_kwargs(cond), return_genes=True)
+        _, tokens = self._forward(noise, torch.ones(noise.shape[0], device=self.device), cond,
+                                  return_genes=True)
         maps = self.gene_readout.marker_maps(tokens.float(), marker, self.tile_size)
         return maps.cpu().numpy().astype(np.float32)
 
