@@ -15,13 +15,13 @@ from mupd.models.transformer import MuPDTransformer
 LAT, CH, GENES, TEXT_DIM = 8, 12, 20, 16
 
 
-def small_model(seed: int = 0) -> MuPDTransformer:
+def small_model(seed: int = 0, pooled: bool = False) -> MuPDTransformer:
     """A small transformer whose zero-initialised layers (adaLN-Zero gates, cross-attention and
     final projections) are randomised, so every condition reaches the output."""
     torch.manual_seed(seed)
     model = MuPDTransformer(latent_channels=CH, patch_size=2, hidden_size=32, depth=2, num_heads=2,
                             text_dim=TEXT_DIM, num_genes=GENES, rna_group_size=4, cond_dim=24,
-                            reference_grid=2)
+                            reference_grid=2, pooled_conditioning=pooled)
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():
@@ -71,9 +71,10 @@ def test_bfloat16_weights_give_bfloat16_velocity():
     assert out.dtype == torch.bfloat16 and out.shape == x.shape and torch.isfinite(out.float()).all()
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["dca", "dca+pooled"])
 @pytest.mark.parametrize("modality", MODALITIES)
-def test_scale_zero_is_exactly_the_model_without_that_stream(modality):
-    model = small_model()
+def test_scale_zero_is_exactly_the_model_without_that_stream(modality, pooled):
+    model = small_model(pooled=pooled)
     x, t, stain, gen = inputs(3)
     kw = conditions(3, MODALITIES, gen)
     without = {k: v for k, v in kw.items() if not k.startswith(modality)}
@@ -83,10 +84,11 @@ def test_scale_zero_is_exactly_the_model_without_that_stream(modality):
     assert not torch.allclose(zero, model(x, t, stain, **kw))
 
 
-def test_a_sample_without_a_modality_is_unaffected_by_its_batch_mates():
+@pytest.mark.parametrize("pooled", [False, True], ids=["dca", "dca+pooled"])
+def test_a_sample_without_a_modality_is_unaffected_by_its_batch_mates(pooled):
     """Skipping, not padding: sample 1 has no text and no RNA; computed alone (where the
     streams are not run at all) it must equal its row of the mixed batch."""
-    model = small_model()
+    model = small_model(pooled=pooled)
     x, t, stain, gen = inputs(3)
     kw = conditions(3, ("text", "rna"), gen)
     kw["text_mask"][1] = False
@@ -96,8 +98,9 @@ def test_a_sample_without_a_modality_is_unaffected_by_its_batch_mates():
     torch.testing.assert_close(mixed[1:2], alone, rtol=1e-5, atol=1e-6)
 
 
-def test_padding_tokens_and_unmeasured_genes_do_not_leak():
-    model = small_model()
+@pytest.mark.parametrize("pooled", [False, True], ids=["dca", "dca+pooled"])
+def test_padding_tokens_and_unmeasured_genes_do_not_leak(pooled):
+    model = small_model(pooled=pooled)
     x, t, stain, gen = inputs(2)
     kw = conditions(2, ("text", "rna"), gen)
     base = model(x, t, stain, **kw)
@@ -107,6 +110,20 @@ def test_padding_tokens_and_unmeasured_genes_do_not_leak():
     noisy = kw["rna_values"].clone()
     noisy[~kw["rna_mask"]] = 1e3  # values of genes marked missing must not matter
     assert torch.equal(model(x, t, stain, **dict(kw, rna_values=noisy)), base)
+
+
+def test_pooled_conditions_reach_the_tile_without_cross_attention():
+    """The pooled path alone (every cross-attention output projection zeroed) still makes the
+    velocity depend on the RNA and on the text; without it the same model ignores them."""
+    x, t, stain, gen = inputs(2)
+    kw = conditions(2, ("text", "rna"), gen)
+    for pooled in (False, True):
+        model = small_model(pooled=pooled)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "cross_out" in name:
+                    p.zero_()
+        assert torch.equal(model(x, t, stain, **kw), model(x, t, stain)) != pooled
 
 
 def test_fresh_model_is_adaln_zero():

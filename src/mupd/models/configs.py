@@ -71,16 +71,19 @@ CONFIGS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         name="tiny", tile_size=128, mpp=1.0, codec={"type": "pixel", "factor": 4},
         transformer=dict(patch_size=2, hidden_size=192, depth=4, num_heads=3, mlp_ratio=4.0,
-                         max_stains=64, cond_dim=192, reference_grid=4)),
+                         max_stains=64, cond_dim=192, reference_grid=4,
+                         pooled_conditioning=False)),
     "base": ModelConfig(
         name="base", tile_size=256, mpp=0.5, codec={"type": "vae", "config": SD_VAE_CONFIG},
         transformer=dict(patch_size=2, hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                         max_stains=256, cond_dim=512, reference_grid=8),
+                         max_stains=256, cond_dim=512, reference_grid=8,
+                         pooled_conditioning=False),
         rna_group_size=16, time_shift=2.0),
     "xl": ModelConfig(
         name="xl", tile_size=512, mpp=0.5, codec={"type": "vae", "config": SD_VAE_CONFIG},
         transformer=dict(patch_size=2, hidden_size=1152, depth=24, num_heads=16, mlp_ratio=4.0,
-                         max_stains=256, cond_dim=512, reference_grid=8),
+                         max_stains=256, cond_dim=512, reference_grid=8,
+                         pooled_conditioning=False),
         rna_group_size=16, time_shift=3.0),
 }
 

@@ -4,8 +4,13 @@ Global conditioning (adaLN-Zero): timestep + target-stain token + "has a source"
 Translation concatenates the source latents to the noisy latents along channels (zeros and
 flag 0 when there is none). Token conditioning: one cross-attention stream per modality in
 every block (see `attention.DCABlock`). With `readout_genes` > 0 a linear head on the final
-tokens predicts a gene panel's expression per token (`models.readout`). The constructor arguments are the config, so
-`save_pretrained` / `from_pretrained` (diffusers, safetensors) need no extra code.
+tokens predicts a gene panel's expression per token (`models.readout`). With
+`pooled_conditioning` the masked mean of the text and RNA tokens also joins the adaLN condition
+through a small MLP per modality (SD3's pooled projection): cross-attention lets each image token
+look up what it needs, the pooled vector modulates every token at once, which is how a
+tile-level attribute (cellularity, a marker's level) reaches the whole tile. The constructor
+arguments are the config, so `save_pretrained` / `from_pretrained` (diffusers, safetensors) need
+no extra code.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class MuPDTransformer(ModelMixin, ConfigMixin):
                  depth: int = 6, num_heads: int = 3, mlp_ratio: float = 4.0, max_stains: int = 64,
                  text_dim: int = 384, num_genes: int = 64, rna_group_size: int = 8,
                  cond_dim: Optional[int] = None, reference_grid: int = 4,
-                 readout_genes: int = 0) -> None:
+                 readout_genes: int = 0, pooled_conditioning: bool = False) -> None:
         super().__init__()
         cond_dim = cond_dim or hidden_size
         self.gradient_checkpointing = False
@@ -56,6 +61,10 @@ class MuPDTransformer(ModelMixin, ConfigMixin):
         self.final_linear = nn.Linear(hidden_size, patch_size ** 2 * latent_channels)
         self.gene_head = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, readout_genes)) \
             if readout_genes > 0 else None
+        self.pooled = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, hidden_size), nn.SiLU(),
+                                                      nn.Linear(hidden_size, hidden_size))
+                                     for m, d in (("text", text_dim), ("rna", cond_dim))}) \
+            if pooled_conditioning else None
         nn.init.normal_(self.stain_embed.weight, std=EMBED_INIT_STD)
         nn.init.normal_(self.source_embed.weight, std=EMBED_INIT_STD)
         for layer in (self.final_modulation[1], self.final_linear):
@@ -81,6 +90,23 @@ class MuPDTransformer(ModelMixin, ConfigMixin):
         pos = get_2d_sincos_pos_embed(self.config.hidden_size, h // p, base_size=h // p,
                                       device=x.device, output_type="pt")
         return pos.to(x.dtype)[None]
+
+    def _pooled(self, contexts: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                scales: dict[str, float], dtype: torch.dtype) -> torch.Tensor | float:
+        """The pooled-condition term of the adaLN vector: per modality the masked token mean
+        through its MLP, times the stream's scale; a sample without the modality gets 0."""
+        if self.pooled is None:
+            return 0.0
+        total: torch.Tensor | float = 0.0
+        for m, (tokens, mask) in contexts.items():
+            scale = scales.get(m, 1.0)
+            if m not in self.pooled or scale == 0:
+                continue
+            w = mask.to(dtype)[..., None]
+            mean = (tokens * w).sum(1) / w.sum(1).clamp(min=1.0)
+            present = mask.any(-1).to(dtype)[:, None]
+            total = total + scale * present * self.pooled[m](mean)
+        return total
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, stain: torch.Tensor,
                 source: Optional[torch.Tensor] = None,
@@ -121,6 +147,7 @@ class MuPDTransformer(ModelMixin, ConfigMixin):
                 if reference_present is None else reference_present.bool()
             contexts["reference"] = self.reference_encoder(reference.to(x.dtype), present)
         scales = scales or {}
+        c = c + self._pooled(contexts, scales, c.dtype)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, c, contexts, scales)
