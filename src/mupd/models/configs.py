@@ -67,23 +67,23 @@ class ModelConfig:
     # a multi-gene head; a training recipe gives {} or {weight: w} and training fits the rest
 
 
+#: Transformer options every config has, off unless a recipe overrides them.
+TRANSFORMER_OPTIONS: dict[str, Any] = {"pooled_conditioning": False}
+
 CONFIGS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         name="tiny", tile_size=128, mpp=1.0, codec={"type": "pixel", "factor": 4},
         transformer=dict(patch_size=2, hidden_size=192, depth=4, num_heads=3, mlp_ratio=4.0,
-                         max_stains=64, cond_dim=192, reference_grid=4,
-                         pooled_conditioning=False)),
+                         max_stains=64, cond_dim=192, reference_grid=4)),
     "base": ModelConfig(
         name="base", tile_size=256, mpp=0.5, codec={"type": "vae", "config": SD_VAE_CONFIG},
         transformer=dict(patch_size=2, hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                         max_stains=256, cond_dim=512, reference_grid=8,
-                         pooled_conditioning=False),
+                         max_stains=256, cond_dim=512, reference_grid=8),
         rna_group_size=16, time_shift=2.0),
     "xl": ModelConfig(
         name="xl", tile_size=512, mpp=0.5, codec={"type": "vae", "config": SD_VAE_CONFIG},
         transformer=dict(patch_size=2, hidden_size=1152, depth=24, num_heads=16, mlp_ratio=4.0,
-                         max_stains=256, cond_dim=512, reference_grid=8,
-                         pooled_conditioning=False),
+                         max_stains=256, cond_dim=512, reference_grid=8),
         rna_group_size=16, time_shift=3.0),
 }
 
@@ -94,6 +94,7 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     if name not in CONFIGS:
         raise ModelError(f"unknown model config {name!r}; choose one of {', '.join(CONFIGS)}")
     config = copy.deepcopy(asdict(CONFIGS[name]))
+    config["transformer"] = {**TRANSFORMER_OPTIONS, **config["transformer"]}
     top = {f.name for f in fields(ModelConfig)} - {"name"}
     for key, value in overrides.items():
         if key in top:
