@@ -79,9 +79,9 @@ class GeneratePanel(QWidget):
         self.table = QTableWidget(0, 3)
         self.table.setHorizontalHeaderLabels(["gene", "value", "status"])
         self.table.setMinimumHeight(160)
-        self.text_scale = FloatSlider(label="text guidance", min=0.0, max=10.0, value=2.0)
-        # Defaults chosen on patient-C validation (docs/training.md): text 2 raised prompt agreement
-        # over 1; RNA 2 did not raise RNA alignment, so RNA stays at the model as trained.
+        # The scales start at the model's own (its config's `guidance`, chosen on validation data,
+        # docs/training.md), set when an engine arrives; 1 is the model as trained.
+        self.text_scale = FloatSlider(label="text guidance", min=0.0, max=10.0, value=1.0)
         self.rna_scale = FloatSlider(label="RNA guidance", min=0.0, max=10.0, value=1.0)
         self.reference_scale = FloatSlider(label="reference guidance", min=0.0, max=10.0, value=1.0)
         self.use_reference = CheckBox(text="use selected region as reference (image to image)", value=False)
@@ -101,9 +101,7 @@ class GeneratePanel(QWidget):
         layout.addWidget(bottom.native)
         layout.addStretch()
         _settings.persist("generate", {
-            "prompt": self.prompt, "normalized": self.normalized, "text_scale": self.text_scale,
-            "rna_scale": self.rna_scale, "reference_scale": self.reference_scale,
-            "samples": self.samples, "steps": self.steps, "seed": self.seed})
+            "prompt": self.prompt, "normalized": self.normalized, "samples": self.samples, "steps": self.steps, "seed": self.seed})
         self.rna_file.changed.connect(self.load_profile)
         self.table.itemChanged.connect(self._edited)
         self.run_button.changed.connect(self.run)
@@ -111,13 +109,19 @@ class GeneratePanel(QWidget):
         session().changed.connect(self._on_engine)
         if session().current_info is None:
             ensure_engine()
+        else:
+            self._on_engine(session().current_info)
 
     # -- RNA profile -----------------------------------------------------------------------------
     def _panel(self) -> list[str]:
         info = session().current_info
         return list(info.rna_genes) if info else []
 
-    def _on_engine(self, _info: EngineInfo) -> None:
+    def _on_engine(self, info: EngineInfo) -> None:
+        # guidance starts at the scales the model was validated with (not the last session's)
+        for modality, slider in (("text", self.text_scale), ("rna", self.rna_scale),
+                                 ("reference", self.reference_scale)):
+            slider.value = info.guidance.get(modality, 1.0)
         if self.profile:
             self._fill_table()
 

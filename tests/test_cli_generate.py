@@ -146,3 +146,39 @@ def test_bad_text_and_an_out_under_a_file_are_refused_before_any_compute(tmp_pat
     assert err == [f"mupd generate: error: output {tmp_path / 'file' / 'gen'} lies under "
                    f"{tmp_path / 'file'}, which is a file, not a folder; choose another --out"]
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_request_without_guidance_gets_the_models_validated_scales(tmp_path):
+    """Config `guidance` (chosen on validation data) is the default of every engine caller (CLI,
+    server, plugin); an explicit scale still wins, and a bad one is refused at load, named."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from mupd.engine import GenerateRequest
+    from mupd.engine.local import LocalEngine
+    from mupd.errors import ModelError
+    from mupd.pipeline import MuPDPipeline
+
+    pipe = MuPDPipeline.from_config_name("tiny", tile_size=32, hidden_size=48, depth=1, num_heads=2,
+                                         guidance={"text": 3.0})
+    torch.manual_seed(0)
+    with torch.no_grad():  # untrained cross-attention is zero: give the text a way in
+        for p in pipe.transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = pipe.save_pretrained(tmp_path / "m")
+    engine = LocalEngine(str(folder), device="cpu")
+    assert engine.info().guidance == {"text": 3.0}
+    request = GenerateRequest(text="HER2-high carcinoma", num_images=1, steps=2)
+    default = engine.generate(request).images
+    np.testing.assert_array_equal(default, engine.generate(
+        dataclasses.replace(request, guidance={"text": 3.0})).images)
+    assert not np.array_equal(default, engine.generate(
+        dataclasses.replace(request, guidance={"text": 1.0})).images)
+    index = folder / "model_index.json"
+    data = json.loads(index.read_text())
+    data["config"]["guidance"] = {"colour": 2.0}
+    index.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="guidance.*'colour'"):
+        LocalEngine(str(folder), device="cpu")

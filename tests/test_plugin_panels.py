@@ -274,6 +274,10 @@ def test_generate_panel_text_and_rna_to_a_grid(make_napari_viewer, qtbot, local_
     panel.prompt.value = "H&E, breast, HER2-positive carcinoma, HER2-high"
     panel.rna_file.value = profile
     info = local_engine.current_info
+    # the guidance sliders start at the model's validated scales, and they are what is sent
+    assert (panel.text_scale.value, panel.rna_scale.value) == (
+        info.guidance.get("text", 1.0), info.guidance.get("rna", 1.0))
+    assert panel.request().guidance == {"text": panel.text_scale.value, "rna": panel.rna_scale.value}
     assert panel.table.rowCount() == len(info.rna_genes)
     statuses = [panel.table.item(r, 2).text() for r in range(panel.table.rowCount())]
     assert statuses.count(USED) > 0.5 * len(statuses)

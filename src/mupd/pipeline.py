@@ -71,6 +71,10 @@ class MuPDPipeline:
         if heads != (len(self.gene_readout.genes) if self.gene_readout else 0):
             raise ModelError(f"the transformer's gene head has {heads} outputs but the config's "
                              f"gene_readout names {len(self.gene_readout.genes) if self.gene_readout else 0} genes")
+        try:  # the generation guidance the model was validated with, for callers that set none
+            self.default_guidance: dict[str, float] = check_guidance(config.get("guidance") or {}) or {}
+        except ConditionError as exc:
+            raise ModelError(f"model config guidance: {exc}") from None
 
     # -- construction and folders ---------------------------------------------------------
     @property

@@ -30,6 +30,7 @@ class EngineInfo:
     model_card: str = ""
     remote: bool = False
     rna_genes: list[str] = field(default_factory=list)  # the model's gene panel, in order
+    guidance: dict[str, float] = field(default_factory=dict)  # the model's generation defaults
 
 
 @dataclass
@@ -74,7 +75,7 @@ class GenerateRequest:
     stain: str = "H&E"
     num_images: int = bounded(4, 1, 2**31 - 1)
     steps: int = bounded(20, 1, MAX_STEPS)
-    guidance: dict[str, float] = field(default_factory=dict)  # modality -> CFG scale
+    guidance: dict[str, float] = field(default_factory=dict)  # modality -> CFG scale; {}: the model's
     seed: int = bounded(0, 0, MAX_SEED)
 
 

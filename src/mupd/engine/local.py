@@ -107,6 +107,7 @@ class LocalEngine:
             mpp=float(p.mpp),
             model_card=card.read_text() if card.exists() else "",
             rna_genes=list(p.rna_tokenizer.genes),
+            guidance=p.default_guidance,
         )
 
     def list_models(self) -> Sequence[str]:
@@ -159,11 +160,12 @@ class LocalEngine:
         if request.rna is not None:
             _, _, used, missing = self._pipeline.rna_tokenizer.align(  # the pipeline warns
                 request.rna, normalized=request.rna_normalized, warn=False)
+        guidance = request.guidance or self._pipeline.default_guidance or None  # none set: the model's
         with self._lock:
             images = self._pipeline.generate(
                 text=request.text, rna=request.rna, rna_normalized=request.rna_normalized,
                 reference=request.reference, stain=request.stain, num_images=request.num_images,
-                steps=request.steps, guidance=request.guidance or None, seed=request.seed,
+                steps=request.steps, guidance=guidance, seed=request.seed,
                 progress=progress, cancel=cancel,
             )
         return GenerateResult(images=np.asarray(images), missing_genes=list(missing),

@@ -65,6 +65,8 @@ class ModelConfig:
     marker_codec: str = "codec"  # how marker targets are coded: "codec" or "area" (codec.AreaCodec)
     gene_readout: Optional[dict[str, Any]] = None  # `readout.GeneReadout` spec: marker maps read by
     # a multi-gene head; a training recipe gives {} or {weight: w} and training fits the rest
+    guidance: dict[str, float] = field(default_factory=dict)  # generation CFG scales per modality,
+    # chosen on validation data: what `generate` uses when a request sets none ({}: as trained)
 
 
 #: Transformer options every config has, off unless a recipe overrides them.
