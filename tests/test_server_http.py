@@ -58,6 +58,7 @@ def test_info_matches_the_local_engine(remote, local):
     info, here = remote.info(), local.info()
     assert info.remote and (info.tile_size, info.mpp) == (here.tile_size, here.mpp)
     assert [t["name"] for t in info.targets] == [t["name"] for t in here.targets]
+    assert info.guidance == here.guidance  # the model's validated scales reach a remote panel
 
 
 def test_generate_equals_local_for_the_same_seed(remote, local):
