@@ -66,15 +66,18 @@ def main() -> int:
     mask = footprint_mask(pipe.tile_size, pipe.mpp)
 
     k = args.per_row
+    guidance = pipe.default_guidance or None  # the scales a user of the model gets by default
     rows: list[tuple[str, list[tuple[np.ndarray, str]]]] = []
     for prompt in PROMPTS:
-        tiles = pipe.generate(text=prompt, num_images=k, steps=args.steps, seed=args.seed)
+        tiles = pipe.generate(text=prompt, num_images=k, steps=args.steps, seed=args.seed,
+                              guidance=guidance)
         label = "unconditional" if prompt is None else \
             f"text: {prompt.split('carcinoma, ')[-1].removeprefix('H&E, ')}"
         rows.append((label, [(t, "") for t in tiles]))
     for i in rna_spots:
         profile = table.profiles([i])[0]
-        tiles = pipe.generate(rna=profile, num_images=k - 1, steps=args.steps, seed=args.seed)
+        tiles = pipe.generate(rna=profile, num_images=k - 1, steps=args.steps, seed=args.seed,
+                              guidance=guidance)
         rows.append((f"RNA of {args.section} spot {table.spot_ids[i]}",
                      [(table.tiles[i], "real tile")] + [(t, "generated") for t in tiles]))
     maps = pipe.translate(table.tiles[stain_spots], list(MARKERS), steps=1, seed=args.seed)
@@ -105,7 +108,8 @@ def main() -> int:
                 ax.imshow(image)
             ax.set_title(title, fontsize=7)
         axes[r][0].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
-    fig.suptitle(f"{Path(args.model).name}: text->H&E, RNA->H&E ({args.steps} Euler steps), "
+    fig.suptitle(f"{Path(args.model).name}: text->H&E, RNA->H&E ({args.steps} Euler steps, "
+                 f"guidance {', '.join(f'{m} {w:g}' for m, w in (guidance or {}).items()) or 'none'}), "
                  f"H&E->markers (one-step readout) on held-out {args.section}; markers 0-1 "
                  f"= log1p CPM / training scale", fontsize=8)
     fig.tight_layout()
