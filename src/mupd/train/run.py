@@ -30,7 +30,7 @@ def load_pipeline(model: ModelSection, data: Optional[DataSection] = None) -> An
     if model.base:
         if not Path(model.base).is_dir():
             raise ModelError(f"model.base {model.base} is not a model folder")
-        return MuPDPipeline.from_pretrained(model.base)
+        return add_transformer_options(MuPDPipeline.from_pretrained(model.base), model.overrides)
     overrides = dict(model.overrides)
     readout = overrides.get("gene_readout")
     if isinstance(readout, dict) and "genes" not in readout and data is not None:
@@ -38,6 +38,40 @@ def load_pipeline(model: ModelSection, data: Optional[DataSection] = None) -> An
 
         overrides["gene_readout"] = fit_gene_readout(data, readout.get("weight"))
     return MuPDPipeline.from_config_name(model.name, **overrides)
+
+
+def add_transformer_options(pipeline: Any, options: dict[str, Any]) -> Any:
+    """A trained pipeline with new transformer options switched on (`configs.TRANSFORMER_OPTIONS`),
+    the rest of its weights kept: a warm start. The added modules end in zero layers, so before
+    the first step the model computes what the base did. Any other override of a trained model
+    is refused rather than ignored."""
+    import torch
+
+    from ..models.configs import TRANSFORMER_OPTIONS
+
+    other = sorted(set(options) - set(TRANSFORMER_OPTIONS))
+    if other:
+        raise ModelError(f"model.overrides {', '.join(other)} cannot change a trained model "
+                         f"(model.base); only new transformer options can be added: "
+                         f"{', '.join(TRANSFORMER_OPTIONS)}")
+    changed = {k: v for k, v in options.items() if pipeline.transformer.config.get(k) != v}
+    if not changed:
+        return pipeline
+    if any(not v for v in changed.values()):
+        raise ModelError(f"model.overrides cannot switch off {', '.join(changed)} of a trained model")
+    old = pipeline.transformer
+    new = type(old).from_config(old.config, **changed)
+    missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
+    added = {name.split(".")[0] for name in missing}
+    if unexpected or not added <= {"pooled"}:
+        raise ModelError(f"cannot add {', '.join(changed)} to this model: weights "
+                         f"{', '.join(unexpected or missing)} do not fit")
+    for mlp in new.pooled.values():  # zero output: the pooled term starts at exactly 0
+        torch.nn.init.zeros_(mlp[-1].weight)
+        torch.nn.init.zeros_(mlp[-1].bias)
+    pipeline.transformer = new.to(next(old.parameters()).device)
+    pipeline.config["transformer"] = {**pipeline.config.get("transformer", {}), **changed}
+    return pipeline
 
 
 def training_samples(config: TrainConfig, pipeline: Any) -> tuple[Sequence[Sample], str, str]:
