@@ -101,7 +101,8 @@ class GeneratePanel(QWidget):
         layout.addWidget(bottom.native)
         layout.addStretch()
         _settings.persist("generate", {
-            "prompt": self.prompt, "normalized": self.normalized, "samples": self.samples, "steps": self.steps, "seed": self.seed})
+            "prompt": self.prompt, "normalized": self.normalized, "samples": self.samples,
+            "steps": self.steps, "seed": self.seed})
         self.rna_file.changed.connect(self.load_profile)
         self.table.itemChanged.connect(self._edited)
         self.run_button.changed.connect(self.run)

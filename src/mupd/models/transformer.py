@@ -71,6 +71,20 @@ class MuPDTransformer(ModelMixin, ConfigMixin):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def with_pooled_conditioning(self) -> "MuPDTransformer":
+        """This trained transformer plus the pooled-condition MLPs, every other weight kept; their
+        output layers are zero, so before any training the new model computes what this one does
+        (a warm start)."""
+        if self.pooled is not None:
+            return self
+        new = type(self).from_config(self.config, pooled_conditioning=True)
+        missing, unexpected = new.load_state_dict(self.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("pooled.") for k in missing), (missing, unexpected)
+        for mlp in new.pooled.values():
+            nn.init.zeros_(mlp[-1].weight)
+            nn.init.zeros_(mlp[-1].bias)
+        return new.to(device=self.device, dtype=self.dtype)
+
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
         p = self.config.patch_size
         b, c, h, w = x.shape

@@ -45,8 +45,6 @@ def add_transformer_options(pipeline: Any, options: dict[str, Any]) -> Any:
     the rest of its weights kept: a warm start. The added modules end in zero layers, so before
     the first step the model computes what the base did. Any other override of a trained model
     is refused rather than ignored."""
-    import torch
-
     from ..models.configs import TRANSFORMER_OPTIONS
 
     other = sorted(set(options) - set(TRANSFORMER_OPTIONS))
@@ -59,17 +57,7 @@ def add_transformer_options(pipeline: Any, options: dict[str, Any]) -> Any:
         return pipeline
     if any(not v for v in changed.values()):
         raise ModelError(f"model.overrides cannot switch off {', '.join(changed)} of a trained model")
-    old = pipeline.transformer
-    new = type(old).from_config(old.config, **changed)
-    missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
-    added = {name.split(".")[0] for name in missing}
-    if unexpected or not added <= {"pooled"}:
-        raise ModelError(f"cannot add {', '.join(changed)} to this model: weights "
-                         f"{', '.join(unexpected or missing)} do not fit")
-    for mlp in new.pooled.values():  # zero output: the pooled term starts at exactly 0
-        torch.nn.init.zeros_(mlp[-1].weight)
-        torch.nn.init.zeros_(mlp[-1].bias)
-    pipeline.transformer = new.to(next(old.parameters()).device)
+    pipeline.transformer = pipeline.transformer.with_pooled_conditioning()  # the one option
     pipeline.config["transformer"] = {**pipeline.config.get("transformer", {}), **changed}
     return pipeline
 
