@@ -7,6 +7,7 @@ depend on the model's size or speed; test_train_model.py runs the real tiny MuPD
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -315,6 +316,8 @@ def test_train_from_config_writes_model_folder_and_card(tmp_path):
     result = run(config, resume=True)
     assert (model / "weights.safetensors").is_file() and result.steps == 4
     assert np.isfinite(result.final_loss) and "steps: 4" in (model / "MODEL_CARD.md").read_text()
+    logged = list(csv.DictReader(open(tmp_path / "run" / "train_log.csv")))[-1]["samples_per_s"]
+    assert result.samples_per_second == float(logged) > 0  # the run's rate, not 0 for no steps
     fewer = config_from_dict({**config.to_dict(), "optim": {**config.to_dict()["optim"], "max_steps": 2}})
     with pytest.raises(OutputExistsError, match="already trained to 4 steps"):
         run(fewer, resume=True)

@@ -226,18 +226,20 @@ class Trainer:
         steps_run = optim.max_steps - start
         return TrainResult(
             run_dir=self.run_dir, steps=optim.max_steps,
-            final_loss=last_loss if steps_run else self._logged_loss(-1, last_loss),
-            first_loss=self._logged_loss(0, first_loss), wall_seconds=wall_before + elapsed,
-            samples_per_second=steps_run * self.order.global_batch * accum / max(elapsed, 1e-9),
+            final_loss=last_loss if steps_run else self._logged(-1, "loss", last_loss),
+            first_loss=self._logged(0, "loss", first_loss), wall_seconds=wall_before + elapsed,
+            # a resume that only writes the model reports the rate its steps were logged at
+            samples_per_second=(steps_run * self.order.global_batch * accum / max(elapsed, 1e-9)
+                                if steps_run else self._logged(-1, "samples_per_s", 0.0)),
             checkpoint=last_ckpt, num_processes=acc.num_processes, device=str(acc.device))
 
-    def _logged_loss(self, row: int, fallback: float) -> float:
-        """The loss of log row `row` (0: first, -1: last), or `fallback` without a log."""
+    def _logged(self, row: int, field: str, fallback: float) -> float:
+        """`field` of log row `row` (0: first, -1: last), or `fallback` without a log."""
         if self.log_path.exists():
             with open(self.log_path, newline="") as fh:
                 rows = list(csv.DictReader(fh))
             if rows:
-                return float(rows[row]["loss"])
+                return float(rows[row][field])
         return fallback
 
     def apply_ema(self) -> None:
