@@ -316,7 +316,8 @@ def test_train_from_config_writes_model_folder_and_card(tmp_path):
     result = run(config, resume=True)
     assert (model / "weights.safetensors").is_file() and result.steps == 4
     assert np.isfinite(result.final_loss) and "steps: 4" in (model / "MODEL_CARD.md").read_text()
-    logged = list(csv.DictReader(open(tmp_path / "run" / "train_log.csv")))[-1]["samples_per_s"]
+    log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
+    logged = list(csv.DictReader(log))[-1]["samples_per_s"]
     assert result.samples_per_second == float(logged) > 0  # the run's rate, not 0 for no steps
     fewer = config_from_dict({**config.to_dict(), "optim": {**config.to_dict()["optim"], "max_steps": 2}})
     with pytest.raises(OutputExistsError, match="already trained to 4 steps"):

@@ -224,23 +224,22 @@ class Trainer:
                 last_ckpt = self.save_checkpoint(done, wall_before + elapsed)
         elapsed = time.perf_counter() - t0
         steps_run = optim.max_steps - start
+        rate = steps_run * self.order.global_batch * accum / max(elapsed, 1e-9)
+        log = self._log_rows()
+        if log:  # the log spans all resumes; a resume that only writes the model ran no steps
+            first_loss = float(log[0]["loss"])
+            if not steps_run:
+                last_loss, rate = float(log[-1]["loss"]), float(log[-1]["samples_per_s"])
         return TrainResult(
-            run_dir=self.run_dir, steps=optim.max_steps,
-            final_loss=last_loss if steps_run else self._logged(-1, "loss", last_loss),
-            first_loss=self._logged(0, "loss", first_loss), wall_seconds=wall_before + elapsed,
-            # a resume that only writes the model reports the rate its steps were logged at
-            samples_per_second=(steps_run * self.order.global_batch * accum / max(elapsed, 1e-9)
-                                if steps_run else self._logged(-1, "samples_per_s", 0.0)),
+            run_dir=self.run_dir, steps=optim.max_steps, final_loss=last_loss,
+            first_loss=first_loss, wall_seconds=wall_before + elapsed, samples_per_second=rate,
             checkpoint=last_ckpt, num_processes=acc.num_processes, device=str(acc.device))
 
-    def _logged(self, row: int, field: str, fallback: float) -> float:
-        """`field` of log row `row` (0: first, -1: last), or `fallback` without a log."""
-        if self.log_path.exists():
-            with open(self.log_path, newline="") as fh:
-                rows = list(csv.DictReader(fh))
-            if rows:
-                return float(rows[row][field])
-        return fallback
+    def _log_rows(self) -> list[dict[str, str]]:
+        if not self.log_path.exists():
+            return []
+        with open(self.log_path, newline="") as fh:
+            return list(csv.DictReader(fh))
 
     def apply_ema(self) -> None:
         """Put the EMA weights into the model (done once, before the final save)."""
