@@ -64,3 +64,14 @@ class TileContextPipeline:
         ref = np.percentile(h.reshape(len(h), -1), 95, axis=1)[:, None, None]
         marker = np.clip(h / np.maximum(ref, 1e-3), 0, 1).astype(np.float32)
         return {s: tiles.copy() if self.catalogue.get(s).kind == "rgb" else marker for s in stains}
+
+
+class TileLevelPipeline(TileContextPipeline):
+    """Markers = one value per tile (its mean hematoxylin density, scaled into [0, 1]): the
+    readout of a model trained on one spot per tile, which varies between tiles, not in them."""
+
+    def translate(self, tiles, stains, steps=1, guidance=None, seed=0, batch_size=8, positions=None):
+        out = super().translate(tiles, stains, steps, guidance, seed, batch_size, positions)
+        h = rgb2hed(np.asarray(tiles))[..., 0].mean(axis=(1, 2))
+        level = np.clip(h / 0.1, 0, 1).astype(np.float32)[:, None, None]
+        return {s: v if v.ndim == 4 else np.broadcast_to(level, v.shape).copy() for s, v in out.items()}

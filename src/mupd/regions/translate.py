@@ -25,7 +25,8 @@ from ..names import ihc_name
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
 from ..render import MarkerMap, render_ihc_cells
 from ..scores import CellReadout, MarkerScore
-from .blend import Normalised, RegionSums, feather_window, normalised
+from ..data.sections import footprint_mask
+from .blend import Normalised, RegionSums, feather_window, level_window
 from .outputs import RegionTranslation, StainLayer
 from .plan import RegionPlan, SlideGeometry, TileSpec, plan_region, region_geometry
 from .source import read_box, read_tile
@@ -171,6 +172,8 @@ class RegionTranslator:
         T = self.pipeline.tile_size
         region = plan.region
         window = feather_window(T, min(self.overlap, T // 2))
+        margin, tent = level_window(T, T - self.overlap)
+        footprint = footprint_mask(T, float(self.pipeline.mpp))
         x0, y0, f = region.box[0], region.box[1], region.factor
         total = sum(len(b) for b in batches)
         done = 0
@@ -190,6 +193,8 @@ class RegionTranslator:
             keep[inside] = self._tissue_mask(tiles[inside])
             sums.n_skipped += int((~keep).sum())
             sums.weight.add([(oy, ox, window) for oy, ox in batch])
+            if sums.level_weight is not None:
+                sums.level_weight.add([(oy - margin, ox - margin, tent) for oy, ox in batch])
             outputs = {}
             if keep.any():
                 outputs = self.pipeline.translate(
@@ -200,7 +205,7 @@ class RegionTranslator:
                 )
             kept_index = np.cumsum(keep) - 1
             for name, a in sums.outputs.items():
-                blended = []
+                blended, levels = [], []
                 for i, (oy, ox) in enumerate(batch):
                     if keep[i]:
                         value = outputs[name][kept_index[i]].astype(np.float32)
@@ -208,9 +213,15 @@ class RegionTranslator:
                         value = tiles[i].astype(np.float32)
                     else:
                         value = _background(a.sum.shape, T)
+                    if name in sums.levels:  # a marker: its tile level blends apart
+                        level = float(value[footprint].mean())
+                        levels.append((oy - margin, ox - margin, level * tent))
+                        value = value - level
                     win = window if value.ndim == 2 else window[..., None]
                     blended.append((oy, ox, value * win))
                 a.add(blended)
+                if levels:
+                    sums.levels[name].add(levels)
             if sums.source is not None:  # the source as read (identical where tiles overlap)
                 sums.source.add([(oy, ox, tiles[i].astype(np.float32) * window[..., None])
                                  for i, (oy, ox) in enumerate(batch)])
@@ -242,18 +253,12 @@ class RegionTranslator:
         by_name = {t.name: t for t in plan.targets}
         placement = plan.region.placement
         layers = []
-        for name, a in sums.outputs.items():
+        for name in sums.outputs:
             target = by_name.get(name)
-            if sums.on_disk:
-                import dask.array as da
-
-                s, w = da.from_zarr(a.sum), da.from_zarr(sums.weight.sum)
-            else:
-                s, w = a.sum, sums.weight.sum
             meta = {"target": name, "model_mpp": float(self.pipeline.mpp)}
             if plan.stain_norm is not None:
                 meta["stain_normalization"] = plan.stain_norm.to_dict()
-            layers.append(StainLayer(name, target.kind, normalised(s, w), placement,
+            layers.append(StainLayer(name, target.kind, sums.blended(name, lazy=sums.on_disk), placement,
                                      getattr(target, "colormap", "gray") or "gray", meta))
         return layers
 
@@ -282,7 +287,7 @@ class RegionTranslator:
                 outs.append(zarr.create_array(sums.workdir / f"{ihc_name(target.name)}.zarr",
                                               shape=region.out_shape + (3,), chunks=(chunk, chunk, 3),
                                               dtype="u1", fill_value=255))
-                values = Normalised(sums.outputs[target.name].sum, sums.weight.sum)
+                values = sums.window(target.name)
             else:
                 outs.append(np.empty(region.out_shape + (3,), dtype=np.uint8))
                 values = blended[target.name]
