@@ -5,9 +5,10 @@ result has no seams. A marker map is blended in two parts: its tile level (the m
 central spot footprint, the one value per tile a spot-trained model learns) is interpolated
 between tile centres with tent windows that reach the neighbouring centres (`level_window`),
 and only the rest, the map less that level, is feathered. Feathering alone would move a level
-that differs between tiles across the 32 px overlap band, which draws the tile grid as blocks. The weighted sums are fixed-point integers, so they are bit-identical
-however the tiles are split across processes or ordered (`mupd.distributed`), and for large
-regions they live in zarr arrays on disk so that a whole section never sits in memory.
+that differs between tiles across the 32 px overlap band, which draws the tile grid as blocks.
+The weighted sums are fixed-point integers, so they are bit-identical however the tiles are
+split across processes or ordered (`mupd.distributed`), and for large regions they live in zarr
+arrays on disk so that a whole section never sits in memory.
 """
 
 from __future__ import annotations

@@ -20,12 +20,12 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..data.sections import footprint_mask
 from ..errors import RegionError, SlideError
 from ..names import ihc_name
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
 from ..render import MarkerMap, render_ihc_cells
 from ..scores import CellReadout, MarkerScore
-from ..data.sections import footprint_mask
 from .blend import Normalised, RegionSums, feather_window, level_window
 from .outputs import RegionTranslation, StainLayer
 from .plan import RegionPlan, SlideGeometry, TileSpec, plan_region, region_geometry
