@@ -83,8 +83,6 @@ PINNED = {
     "tr_sdedit_heun": (102.94742838541667, [94, 103, 160, 103, 54, 20]),
     "shift_gen_heun": (0.4739318914071191, [0.47018465399742126, 0.5121399164199829, 0.04802286624908447, 0.45410531759262085, 0.4674528241157532, 0.39770665764808655]),  # noqa: E501
     "shift_sdedit": (109.71533203125, [84, 221, 216, 255, 107, 121]),
-    "bundled_readout": (0.36963489522531745, [0.37144917249679565, 0.36917343735694885, 0.372219443321228, 0.36747124791145325, 0.36899641156196594, 0.3723336160182953]),  # noqa: E501
-    "bundled_sdedit": (119.43186442057292, [128, 123, 113, 75, 135, 114]),
 }
 
 
@@ -119,15 +117,26 @@ def test_outputs_equal_the_pre_scheduler_code(tiles):
     check_pinned("shift_sdedit", shifted.translate(tiles, ["H&E"], steps=3, strength=0.5, seed=7)["H&E"])
 
 
-def test_bundled_model_without_scheduler_folder_loads_as_before():
+def test_model_folder_saved_before_scheduler_folders_loads_as_before(tmp_path):
+    """A folder written before `scheduler/` existed (its schedule as `time_shift` in the config)
+    loads with the default Euler scheduler and samples exactly as the same weights with one."""
     if not DEFAULT_MODEL.is_dir():
         pytest.skip(f"bundled model {DEFAULT_MODEL} is absent")
-    assert not (DEFAULT_MODEL / "scheduler").exists()
-    pipe = MuPDPipeline.from_pretrained(DEFAULT_MODEL)
-    assert type(pipe.scheduler) is FlowMatchEulerScheduler and pipe.scheduler.config.shift == 1.0
-    tile = immunohistochemistry()[None, :pipe.tile_size, :pipe.tile_size]
-    check_pinned("bundled_readout", pipe.translate(tile, ["Ki67"], seed=3)["Ki67"])
-    check_pinned("bundled_sdedit", pipe.translate(tile, ["H&E"], steps=3, strength=0.5, seed=3)["H&E"])
+    old = tmp_path / "old"
+    shutil.copytree(DEFAULT_MODEL, old)
+    shutil.rmtree(old / "scheduler", ignore_errors=True)
+    index = json.loads((old / "model_index.json").read_text())
+    index.pop("scheduler", None)
+    index["config"]["time_shift"] = 1.0
+    (old / "model_index.json").write_text(json.dumps(index))
+    pipes = [MuPDPipeline.from_pretrained(f) for f in (old, DEFAULT_MODEL)]
+    assert type(pipes[0].scheduler) is FlowMatchEulerScheduler and pipes[0].scheduler.config.shift == 1.0
+    tile = immunohistochemistry()[None, :pipes[0].tile_size, :pipes[0].tile_size]
+    old_out, new_out = ((p.translate(tile, ["Ki67"], seed=3)["Ki67"],
+                         p.translate(tile, ["H&E"], steps=3, strength=0.5, seed=3)["H&E"]) for p in pipes)
+    for a, b in zip(old_out, new_out):
+        assert a.std() > 0
+        np.testing.assert_array_equal(a, b)
 
 
 def test_scheduler_timesteps_and_steps():
