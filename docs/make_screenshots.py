@@ -187,6 +187,7 @@ def qupath_shot(viewer, slide, out: Path) -> None:
     import json
     import os
 
+    from mupd.names import ihc_name
     from napari_mupd._translate_panel import CLASS, TranslatePanel
 
     path = Path(os.environ["MUPD_CONFIG"]) / "B4_annotations.geojson"
