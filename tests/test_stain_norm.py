@@ -83,15 +83,23 @@ def test_region_translation_normalises_once_so_tiles_agree(cmu):
 
 
 def test_image_to_image_strength_keeps_the_source_by_degree(cmu, region):
+    """On tissue tiles (on glass the codec alone is ~38 grey levels off, so no strength can be
+    seen there). Measured, mean |output - source|: codec only 16.4; strength 0.2 / 0.5 / 0.9:
+    20.3 / 21.7 / 34.0 (the model bundled before: 22.6 / 24.2 / 39.1)."""
+    from mupd.data.tissue import is_tissue
+
     pipe = model_pipeline()
     T = pipe.tile_size
-    tiles = np.stack([region[:T, :T], region[T:2 * T, T:2 * T]])
+    grid = [region[y:y + T, x:x + T] for y in range(0, 3 * T, T) for x in range(0, 3 * T, T)]
+    tiles = np.stack([t for t in grid if is_tissue(t)][:2])
+    assert len(tiles) == 2
     zero = pipe.translate(tiles, ["H&E"], strength=0.0)["H&E"]
     z = pipe.encode_images(pipe._to_unit(tiles))
     np.testing.assert_array_equal(zero, pipe._decode(z, "rgb"))  # strength 0: the codec only
     err = {s: np.abs(pipe.translate(tiles, ["H&E"], steps=4, strength=s, seed=1)["H&E"].astype(float)
                      - tiles).mean() for s in (0.2, 0.9)}
-    assert err[0.2] < err[0.9], err
+    err[0.0] = np.abs(zero.astype(float) - tiles).mean()
+    assert err[0.0] < err[0.2] < err[0.9], err
     with pytest.raises(ConditionError, match="strength must be between 0 and 1"):
         pipe.translate(tiles, ["H&E"], strength=1.5)
     with pytest.raises(ConditionError, match="HER2 are marker maps"):
