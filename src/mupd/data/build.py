@@ -125,7 +125,7 @@ def build_spot_store(tables: Sequence[ad.AnnData], out: Path, tile_size: int = 1
         if derive_captions:
             levels = panel_values(norm, [genes_of[m] for m in all_names])  # warns if one is absent
             manifest["caption"] = her2st_captions(levels, all_names, reference["caption_cuts"],
-                                                  manifest.get("label"))
+                                                  list(ids), manifest.get("label"))
         elif captions is not None:
             manifest["caption"] = [captions.get(str(i), "") for i in ids]
         records: dict = {"rna": rna}

@@ -7,11 +7,19 @@ CD3, CD8, CD68 = PTPRC, CD3E, CD8A, CD68: single immune genes are 0 in most spot
 is not) as training-spot tertiles of normalised expression (low / intermediate / high), and the pathologist's region label where the
 section has a labels file (A1 B1 C1 D1 E1 F1 G2 H1 J1). Tertile cuts come from training
 patients only and are stored with the data so held-out stores use the same words.
+
+Each caption also names `EXTRA_MARKERS` other catalogue markers with their tertile
+("ER-low, Ki67-high, CD8-intermediate"), drawn per spot from a generator seeded by the spot id
+(the same words for the same spot in every build). Why: a prompt such as "Ki67-high" meant
+nothing to a model whose captions only ever named HER2 and the immune level (text agreement at
+chance for ER and Ki67); a few markers per caption, not all ten, keeps captions as short as the
+prompts a user types.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,13 +30,16 @@ from ..errors import DataError
 
 #: How derived captions are described in a store's attributes (they are not a pathologist's).
 DERIVED_CAPTIONS = ("derived from HER2ST metadata: cohort (breast, HER2-positive), stain, "
-                    "training-tertile HER2 and immune expression levels, region label")
+                    "training-tertile HER2 and immune expression levels, three other markers' "
+                    "training-tertile levels per spot, region label")
 #: Image-to-image (`MuPDPipeline.translate(..., strength=)`) prompt when none is given: the
 #: caption of the FFPE training slides (resources/configs/slide-captions.csv): frozen -> FFPE.
 RESTAIN_PROMPT = "H&E, FFPE section"
 #: Immune markers averaged into the immune score of a spot.
 IMMUNE_MARKERS = ("CD45", "CD3", "CD8", "CD68")
 _IMMUNE = {"low": "immune-poor", "intermediate": "moderate immune infiltrate", "high": "immune-rich"}
+#: Other catalogue markers a derived caption names beside HER2 and the immune level.
+EXTRA_MARKERS = 3
 
 
 def read_captions(path: Path) -> dict[str, str]:
@@ -58,22 +69,27 @@ def read_captions(path: Path) -> dict[str, str]:
 
 
 def caption_scores(levels: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per spot: `HER2` (its marker level) and `immune` (mean of the measured immune markers)."""
+    """Per spot: every marker's level (`names`), and `immune` (mean of the measured immune
+    markers)."""
     levels, names = np.asarray(levels, dtype=float), list(names)
     immune = levels[:, [names.index(m) for m in IMMUNE_MARKERS]]
     counted = np.isfinite(immune).sum(axis=1)
     mean = np.divide(np.nansum(immune, axis=1), counted, out=np.full(len(levels), np.nan),
                      where=counted > 0)
-    return {"HER2": levels[:, names.index("HER2")], "immune": mean}
+    return {**{m: levels[:, i] for i, m in enumerate(names)}, "immune": mean}
 
 
 def fit_caption_cuts(levels: np.ndarray, names: Sequence[str]) -> dict[str, list[float]]:
-    """Tertile cuts (33.3 and 66.7th percentiles) of the caption scores over training spots."""
+    """Tertile cuts (33.3 and 66.7th percentiles) of the caption scores over training spots.
+    HER2 and the immune score must be measured; another marker no training spot measured gets
+    no cut and is never named."""
     cuts = {}
     for score, column in caption_scores(levels, names).items():
         column = column[np.isfinite(column)]
         if column.size == 0:
-            raise DataError(f"no training spot measured the {score} genes; cannot fit caption cuts")
+            if score in ("HER2", "immune"):
+                raise DataError(f"no training spot measured the {score} genes; cannot fit caption cuts")
+            continue
         cuts[score] = [float(q) for q in np.percentile(column, [100 / 3, 200 / 3])]
     return cuts
 
@@ -84,23 +100,38 @@ def level_word(value: float, cuts: Sequence[float]) -> Optional[str]:
     return "low" if value <= cuts[0] else ("high" if value > cuts[1] else "intermediate")
 
 
-def her2st_caption(her2: Optional[str], immune: Optional[str], label: Optional[str] = None) -> str:
-    """e.g. "H&E, breast, HER2-positive carcinoma, HER2-high, immune-rich, region: invasive cancer"."""
+def her2st_caption(her2: Optional[str], immune: Optional[str], label: Optional[str] = None,
+                   others: Sequence[tuple[str, str]] = ()) -> str:
+    """e.g. "H&E, breast, HER2-positive carcinoma, HER2-high, immune-rich, ER-low, Ki67-high,
+    region: invasive cancer" (`others`: (marker, level word) pairs)."""
     parts = ["H&E", "breast", "HER2-positive carcinoma"]
     if her2:
         parts.append(f"HER2-{her2}")
     if immune:
         parts.append(_IMMUNE[immune])
+    parts += [f"{marker}-{level}" for marker, level in others]
     if isinstance(label, str) and label and label != "undetermined":
         parts.append(f"region: {label}")
     return ", ".join(parts)
 
 
 def her2st_captions(levels: np.ndarray, names: Sequence[str], cuts: dict[str, Sequence[float]],
-                    labels: Optional[Sequence[Optional[str]]] = None) -> list[str]:
-    """One derived caption per spot from its marker levels (spots, M) and optional region label."""
+                    spots: Sequence[str], labels: Optional[Sequence[Optional[str]]] = None) -> list[str]:
+    """One derived caption per spot from its marker levels (spots, M), its id (which other
+    markers it names) and optional region label. Cuts fitted before other markers were named
+    (HER2 and immune only) name none."""
     scores = caption_scores(levels, names)
     her2 = [level_word(v, cuts["HER2"]) for v in scores["HER2"]]
     immune = [level_word(v, cuts["immune"]) for v in scores["immune"]]
     labels = list(labels) if labels is not None else [None] * len(her2)
-    return [her2st_caption(h, i, lab) for h, i, lab in zip(her2, immune, labels)]
+    others = [m for m in names if m != "HER2" and m in cuts]
+    captions = []
+    for i, (h, im, lab) in enumerate(zip(her2, immune, labels)):
+        measured = [m for m in others if np.isfinite(scores[m][i])]
+        rng = np.random.default_rng(zlib.crc32(str(spots[i]).encode()))
+        picked = sorted(rng.choice(len(measured), size=min(EXTRA_MARKERS, len(measured)),
+                                   replace=False)) if measured else []
+        named = [measured[j] for j in picked]
+        captions.append(her2st_caption(h, im, lab, [(m, level_word(scores[m][i], cuts[m]))
+                                                     for m in named]))
+    return captions
