@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mupd.data.captions import read_captions
+from mupd.data.captions import level_word, read_captions
 from mupd.data.markers import render_marker_maps, spot_level
 from mupd.data.spatial import (MissingGenesWarning, normalize_log_cpm, panel_values,
                                read_spatial_h5ad, read_visium)
@@ -122,3 +122,34 @@ def test_her2st_a1_spots_carry_region_labels_and_hide_the_pasted_thumbnail(share
     probe = table[:1].copy()
     probe.obs = corner
     assert not spot_tiles(probe, 32, 3.2).any()  # masked black, never tissue
+
+
+def test_derived_captions_name_other_markers_by_their_training_tertile():
+    """Captions name HER2, the immune level and three other measured markers, each with the
+    tertile its value falls in; the pick is the spot id's (the same in every build), varies
+    between spots, skips unmeasured markers, and cuts without other markers name none."""
+    from mupd.data.captions import EXTRA_MARKERS, fit_caption_cuts, her2st_captions
+
+    names = ["HER2", "ER", "Ki67", "CD45", "CD3", "CD8", "CD68"]
+    rng = np.random.default_rng(0)
+    levels = rng.gamma(2.0, 2.0, size=(60, len(names)))
+    levels[:, 1] = np.nan  # ER measured nowhere: no cut, never named
+    cuts = fit_caption_cuts(levels, names)
+    assert "ER" not in cuts and set(cuts) == {*names} - {"ER"} | {"immune"}
+    spots = [f"spot{i}" for i in range(60)]
+    captions = her2st_captions(levels, names, cuts, spots)
+    assert captions == her2st_captions(levels, names, cuts, spots)
+    named = []
+    for caption, row in zip(captions, levels):
+        words = caption.split(", ")
+        assert words[:4] == ["H&E", "breast", "HER2-positive carcinoma",
+                             f"HER2-{level_word(row[0], cuts['HER2'])}"]
+        others = [w for w in words[5:] if w.split("-")[0] in names]
+        assert len(others) == EXTRA_MARKERS
+        for word in others:
+            marker, level = word.split("-")
+            assert marker != "ER" and level == level_word(row[names.index(marker)], cuts[marker])
+        named.append(tuple(others))
+    assert len({tuple(w.split("-")[0] for w in n) for n in named}) > 5
+    old = {k: cuts[k] for k in ("HER2", "immune")}  # a reference fitted before this change
+    assert all(len(c.split(", ")) == 5 for c in her2st_captions(levels, names, old, spots))
