@@ -72,7 +72,9 @@ class GeneratePanel(QWidget):
         self.viewer = napari_viewer
         self.task: Optional[EngineTask] = None
         self.profile: dict[str, float] = {}
-        self.prompt = LineEdit(label="text prompt", value="")
+        self.prompt = LineEdit(label="text prompt", value="", tooltip=(
+            "the bundled model learned HER2ST's derived captions, e.g. 'H&E, breast, "
+            "HER2-positive carcinoma, HER2-high, immune-rich' (HER2-low / -intermediate / -high)"))
         self.rna_file = FileEdit(label="RNA profile", mode="r", filter=RNA_FILTER, value="")
         self.normalized = CheckBox(text="values are already log-normalised (not raw counts)", value=False)
         self.rna_summary = Label(value="no RNA profile")

@@ -125,10 +125,11 @@ def test_her2st_a1_spots_carry_region_labels_and_hide_the_pasted_thumbnail(share
 
 
 def test_derived_captions_name_other_markers_by_their_training_tertile():
-    """Captions name HER2, the immune level and three other measured markers, each with the
-    tertile its value falls in; the pick is the spot id's (the same in every build), varies
-    between spots, skips unmeasured markers, and cuts without other markers name none."""
-    from mupd.data.captions import EXTRA_MARKERS, fit_caption_cuts, her2st_captions
+    """With `extra_markers=3` captions name HER2, the immune level and three other measured
+    markers, each with the tertile its value falls in; the pick is the spot id's (the same in
+    every build), varies between spots, skips unmeasured markers; by default, or with cuts
+    without other markers, they name none."""
+    from mupd.data.captions import fit_caption_cuts, her2st_captions
 
     names = ["HER2", "ER", "Ki67", "CD45", "CD3", "CD8", "CD68"]
     rng = np.random.default_rng(0)
@@ -137,19 +138,20 @@ def test_derived_captions_name_other_markers_by_their_training_tertile():
     cuts = fit_caption_cuts(levels, names)
     assert "ER" not in cuts and set(cuts) == {*names} - {"ER"} | {"immune"}
     spots = [f"spot{i}" for i in range(60)]
-    captions = her2st_captions(levels, names, cuts, spots)
-    assert captions == her2st_captions(levels, names, cuts, spots)
+    captions = her2st_captions(levels, names, cuts, spots, extra_markers=3)
+    assert captions == her2st_captions(levels, names, cuts, spots, extra_markers=3)
     named = []
     for caption, row in zip(captions, levels):
         words = caption.split(", ")
         assert words[:4] == ["H&E", "breast", "HER2-positive carcinoma",
                              f"HER2-{level_word(row[0], cuts['HER2'])}"]
         others = [w for w in words[5:] if w.split("-")[0] in names]
-        assert len(others) == EXTRA_MARKERS
+        assert len(others) == 3
         for word in others:
             marker, level = word.split("-")
             assert marker != "ER" and level == level_word(row[names.index(marker)], cuts[marker])
         named.append(tuple(others))
     assert len({tuple(w.split("-")[0] for w in n) for n in named}) > 5
     old = {k: cuts[k] for k in ("HER2", "immune")}  # a reference fitted before this change
-    assert all(len(c.split(", ")) == 5 for c in her2st_captions(levels, names, old, spots))
+    assert all(len(c.split(", ")) == 5 for c in her2st_captions(levels, names, old, spots, extra_markers=3))
+    assert all(len(c.split(", ")) == 5 for c in her2st_captions(levels, names, cuts, spots))

@@ -70,7 +70,8 @@ def build_spot_store(tables: Sequence[ad.AnnData], out: Path, tile_size: int = 1
                      reference: Optional[dict] = None, derive_captions: bool = False,
                      captions: Optional[Mapping[str, str]] = None,
                      max_spots: Optional[int] = None, seed: int = 0, overwrite: bool = False,
-                     progress: ProgressCallback = no_progress) -> tuple[Path, dict]:
+                     progress: ProgressCallback = no_progress,
+                     caption_markers: int = 0) -> tuple[Path, dict]:
     """Spot-centred store from SpotTables; returns its path and the reference used.
 
     `captions` (spot id -> text, e.g. from `read_captions`) are given captions; `derive_captions`
@@ -125,7 +126,7 @@ def build_spot_store(tables: Sequence[ad.AnnData], out: Path, tile_size: int = 1
         if derive_captions:
             levels = panel_values(norm, [genes_of[m] for m in all_names])  # warns if one is absent
             manifest["caption"] = her2st_captions(levels, all_names, reference["caption_cuts"],
-                                                  list(ids), manifest.get("label"))
+                                                  list(ids), manifest.get("label"), caption_markers)
         elif captions is not None:
             manifest["caption"] = [captions.get(str(i), "") for i in ids]
         records: dict = {"rna": rna}
@@ -150,7 +151,8 @@ def build_spot_store(tables: Sequence[ad.AnnData], out: Path, tile_size: int = 1
 def build_her2st_store(data_root: Path, out: Path, sections: Sequence[str], tile_size: int = 128,
                        mpp: float = 1.0, reference: Optional[dict] = None,
                        max_spots: Optional[int] = None, seed: int = 0, overwrite: bool = False,
-                       progress: ProgressCallback = no_progress) -> tuple[Path, dict]:
+                       progress: ProgressCallback = no_progress,
+                       caption_markers: int = 0) -> tuple[Path, dict]:
     """HER2ST sections with H&E (C2..C6 train; B4, A1 held out) on the 785-gene panel plus the
     catalogue's marker genes (most are not in it), so a gene readout learns the markers too."""
     panel_file = Path(data_root) / HER2ST_PANEL
@@ -161,7 +163,8 @@ def build_her2st_store(data_root: Path, out: Path, sections: Sequence[str], tile
     tables = [her2st_spots(Path(data_root), name) for name in sections]
     return build_spot_store(tables, out, tile_size, mpp, panel=panel, reference=reference,
                             derive_captions=True, max_spots=max_spots, seed=seed,
-                            overwrite=overwrite, progress=progress)
+                            overwrite=overwrite, progress=progress,
+                            caption_markers=caption_markers)
 
 
 def build_slide_store(slide, out: Path, mpp: float, tile_size: int, patient: str,

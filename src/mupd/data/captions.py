@@ -8,12 +8,12 @@ is not) as training-spot tertiles of normalised expression (low / intermediate /
 section has a labels file (A1 B1 C1 D1 E1 F1 G2 H1 J1). Tertile cuts come from training
 patients only and are stored with the data so held-out stores use the same words.
 
-Each caption also names `EXTRA_MARKERS` other catalogue markers with their tertile
-("ER-low, Ki67-high, CD8-intermediate"), drawn per spot from a generator seeded by the spot id
-(the same words for the same spot in every build). Why: a prompt such as "Ki67-high" meant
-nothing to a model whose captions only ever named HER2 and the immune level (text agreement at
-chance for ER and Ki67); a few markers per caption, not all ten, keeps captions as short as the
-prompts a user types.
+With `extra_markers` > 0 (`mupd data her2st --caption-markers N`) a caption also names N other
+catalogue markers with their tertile ("ER-low, Ki67-high, CD8-intermediate"), drawn per spot
+from a generator seeded by the spot id (the same words for the same spot in every build), so
+that prompts such as "Ki67-high" have training words. Off by default: the bundled model's
+captions name HER2 and the immune level only, and a warm start on captions naming three more
+markers was worse on text and markers (docs/training.md, 2026-12-06).
 """
 
 from __future__ import annotations
@@ -30,16 +30,13 @@ from ..errors import DataError
 
 #: How derived captions are described in a store's attributes (they are not a pathologist's).
 DERIVED_CAPTIONS = ("derived from HER2ST metadata: cohort (breast, HER2-positive), stain, "
-                    "training-tertile HER2 and immune expression levels, three other markers' "
-                    "training-tertile levels per spot, region label")
+                    "training-tertile HER2 and immune expression levels, region label")
 #: Image-to-image (`MuPDPipeline.translate(..., strength=)`) prompt when none is given: the
 #: caption of the FFPE training slides (resources/configs/slide-captions.csv): frozen -> FFPE.
 RESTAIN_PROMPT = "H&E, FFPE section"
 #: Immune markers averaged into the immune score of a spot.
 IMMUNE_MARKERS = ("CD45", "CD3", "CD8", "CD68")
 _IMMUNE = {"low": "immune-poor", "intermediate": "moderate immune infiltrate", "high": "immune-rich"}
-#: Other catalogue markers a derived caption names beside HER2 and the immune level.
-EXTRA_MARKERS = 3
 
 
 def read_captions(path: Path) -> dict[str, str]:
@@ -116,10 +113,11 @@ def her2st_caption(her2: Optional[str], immune: Optional[str], label: Optional[s
 
 
 def her2st_captions(levels: np.ndarray, names: Sequence[str], cuts: dict[str, Sequence[float]],
-                    spots: Sequence[str], labels: Optional[Sequence[Optional[str]]] = None) -> list[str]:
-    """One derived caption per spot from its marker levels (spots, M), its id (which other
-    markers it names) and optional region label. Cuts fitted before other markers were named
-    (HER2 and immune only) name none."""
+                    spots: Sequence[str], labels: Optional[Sequence[Optional[str]]] = None,
+                    extra_markers: int = 0) -> list[str]:
+    """One derived caption per spot from its marker levels (spots, M), its id (which
+    `extra_markers` other markers it names) and optional region label. Only markers with a cut
+    are named (a reference fitted before 2026-12-06 has cuts for HER2 and immune only)."""
     scores = caption_scores(levels, names)
     her2 = [level_word(v, cuts["HER2"]) for v in scores["HER2"]]
     immune = [level_word(v, cuts["immune"]) for v in scores["immune"]]
@@ -129,8 +127,8 @@ def her2st_captions(levels: np.ndarray, names: Sequence[str], cuts: dict[str, Se
     for i, (h, im, lab) in enumerate(zip(her2, immune, labels)):
         measured = [m for m in others if np.isfinite(scores[m][i])]
         rng = np.random.default_rng(zlib.crc32(str(spots[i]).encode()))
-        picked = sorted(rng.choice(len(measured), size=min(EXTRA_MARKERS, len(measured)),
-                                   replace=False)) if measured else []
+        picked = sorted(rng.choice(len(measured), size=min(extra_markers, len(measured)),
+                                   replace=False)) if measured and extra_markers > 0 else []
         named = [measured[j] for j in picked]
         captions.append(her2st_caption(h, im, lab, [(m, level_word(scores[m][i], cuts[m]))
                                                      for m in named]))

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--reference", default=None, help="JSON of marker scales and caption cuts fitted "
                    "on training sections (required for stores of held-out patients A and B)")
     h.add_argument("--max-spots", type=int, default=None, help="seeded sample of spots per section")
+    h.add_argument("--caption-markers", type=int, default=0, help="other catalogue markers each "
+                   "derived caption names with its tertile level (default 0: HER2 and immune only)")
     store_args(h)
     h.set_defaults(func=run_her2st)
 
@@ -106,7 +108,8 @@ def run_her2st(args: argparse.Namespace) -> int:
                         "store (scales and caption cuts must not be fitted on held-out data)")
     path, used = build_her2st_store(root, Path(args.out), args.sections, tile_size=args.tile,
                                     mpp=args.mpp, reference=_reference(args.reference),
-                                    max_spots=args.max_spots, overwrite=args.overwrite)
+                                    max_spots=args.max_spots, overwrite=args.overwrite,
+                                    caption_markers=args.caption_markers)
     _finish(path, used, args.reference is None)
     return 0
 
