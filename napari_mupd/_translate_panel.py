@@ -24,6 +24,7 @@ from mupd.engine.api import EngineInfo, TranslateRequest, TranslateResult
 from mupd.errors import ConditionError, MuPDError, RegionError
 from mupd.io import Region
 from mupd.names import SOURCE
+from mupd.render import IhcLook, read_ihc_look
 from mupd.scores import CSV_COLUMNS, ScoredRegion, score_row, write_score_files
 from mupd.stain_norm import METHODS as STAIN_NORM_METHODS
 
@@ -47,9 +48,11 @@ TABLE_HEADERS = [header for header, _ in CSV_COLUMNS]
 def translation_requests(slide_layer: Any, polygons: list[Polygon], stains: list[str], steps: int,
                          seed: int, render_brightfield: bool, source_guidance: float = 1.0,
                          holes: Optional[list[list[Polygon]]] = None, stain_norm: str = "none",
-                         strength: float = 0.0) -> list[TranslateRequest]:
+                         strength: float = 0.0, ihc_look: Optional[IhcLook] = None
+                         ) -> list[TranslateRequest]:
     """One engine request per region of an open slide layer (level-0 polygons, each with its
-    holes when given). `strength` > 0: image-to-image for RGB stains (0 here means off)."""
+    holes when given). `strength` > 0: image-to-image for RGB stains (0 here means off).
+    `ihc_look`: the lab's IHC the DAB renderings match."""
     if not stains:
         raise ConditionError("pick at least one target stain or marker")
     for polygon in polygons:
@@ -62,7 +65,8 @@ def translation_requests(slide_layer: Any, polygons: list[Polygon], stains: list
                              guidance={} if source_guidance == 1.0 else {SOURCE: source_guidance},
                              render_brightfield=render_brightfield,
                              stain_norm=None if stain_norm == "none" else stain_norm,
-                             strength=strength if strength > 0 else None)
+                             strength=strength if strength > 0 else None,
+                             ihc_look=None if ihc_look is None else ihc_look.to_dict())
             for polygon, cut in zip(polygons, holes)]
 
 
@@ -118,6 +122,13 @@ class TranslatePanel(QWidget):
                                     "how far from the source; 0 = off (plain translation)")
         self.render = CheckBox(text="also render markers as brightfield IHC (DAB) and score cells",
                                value=True)
+        self.ihc_look = FileEdit(label="IHC look of", mode="r", value="",
+                                 filter="Images (*.png *.jpg *.jpeg *.tif *.tiff *.svs)",
+                                 tooltip="optional: an IHC image of your lab; the DAB renderings take "
+                                 "its counterstain and DAB strength (empty: the defaults)")
+        self.ihc_look_mpp = FloatSpinBox(label="its um/px if unknown", min=0.0, max=100.0, value=0.0,
+                                         step=0.01, tooltip="pixel size of that IHC image when its "
+                                         "file states none; 0: use the file's")
         self.user_mpp = FloatSpinBox(label="slide um/px if unknown", min=0.0, max=100.0, value=0.0,
                                       step=0.01, tooltip="only for files without a pixel size "
                                       "(e.g. plain JPEGs); 0: use the file's")
@@ -131,7 +142,8 @@ class TranslatePanel(QWidget):
         self.status = Label(value="")
         self.form = Container(widgets=[
             self.source, self.stains, self.region, self.klass, self.steps, self.seed, self.guidance,
-            self.stain_norm, self.strength, self.render, self.user_mpp,
+            self.stain_norm, self.strength, self.render, self.ihc_look, self.ihc_look_mpp,
+            self.user_mpp,
             self.limit,
             self.side_by_side, self.opacity, self.buttons,
             self.status])
@@ -155,7 +167,8 @@ class TranslatePanel(QWidget):
         _settings.persist("translate", {"region": self.region, "steps": self.steps,
                                         "seed": self.seed, "guidance": self.guidance,
                                         "stain_norm": self.stain_norm, "strength": self.strength,
-                                        "render": self.render,
+                                        "render": self.render, "ihc_look": self.ihc_look,
+                                        "ihc_look_mpp": self.ihc_look_mpp,
                                         "limit": self.limit, "side_by_side": self.side_by_side,
                                         "opacity": self.opacity})
         self.stains.changed.connect(self._save_stains)
@@ -211,6 +224,13 @@ class TranslatePanel(QWidget):
             r.name = r.name or default.format(i + 1)
         return regions
 
+    def look(self) -> Optional[IhcLook]:
+        """The lab IHC's look when a file is given and IHC is rendered (measured here: ~1 s)."""
+        path = str(self.ihc_look.value or "").strip()
+        if not self.render.value or path in ("", "."):
+            return None
+        return read_ihc_look(path, self.ihc_look_mpp.value or None)
+
     def _check_size(self, area: float) -> None:
         if area > self.limit.value:
             rate = self._rate()
@@ -241,7 +261,8 @@ class TranslatePanel(QWidget):
                                             list(self.stains.value), self.steps.value,
                                             self.seed.value, self.render.value,
                                             round(self.guidance.value, 2), [r.holes for r in named],
-                                            self.stain_norm.value, round(self.strength.value, 2))
+                                            self.stain_norm.value, round(self.strength.value, 2),
+                                            self.look())
         except MuPDError as exc:
             notify_error(exc, "Translate")
             return None

@@ -105,6 +105,35 @@ def test_whole_small_slide_with_given_mpp(shared_data, model, tmp_path):
                                                 "scores-CD45.geojson", "scores.csv"}
 
 
+def test_ihc_look_of_a_labs_image_reaches_the_rendering(cmu, model, tmp_path, capsys):
+    """`--ihc-look` measures the lab's IHC once; the IHC layer records it and differs from the
+    default rendering; glass as a "lab IHC" is refused before any output is written."""
+    from PIL import Image
+    from skimage.data import immunohistochemistry
+
+    from mupd.render import measure_ihc_look
+
+    lab = tmp_path / "lab-ihc.png"
+    Image.fromarray(immunohistochemistry()).save(lab)
+    box = ["--box", "800", "1200", "400", "400", "--model", model, "--device", "cpu"]
+    images = {}
+    for name, extra in (("plain", []), ("look", ["--ihc-look", str(lab), "--ihc-look-mpp", "0.5"])):
+        assert main(["stain", cmu, "--stains", "Ki67", "--out", str(tmp_path / name), *box, *extra]) == 0, \
+            capsys.readouterr().err
+        ihc = open_slide(tmp_path / name / "IHC-Ki67.ome.zarr")
+        images[name] = (np.asarray(ihc.levels[0]).astype(int), ihc.metadata["rendering"]["ihc_look"])
+    assert images["plain"][1] == "default"
+    assert images["look"][1] == pytest.approx(measure_ihc_look(immunohistochemistry(), 0.5).to_dict())
+    assert np.abs(images["look"][0] - images["plain"][0]).mean() > 1
+    glass = tmp_path / "glass.png"
+    Image.fromarray(np.full((300, 300, 3), 240, np.uint8)).save(glass)
+    code = main(["stain", cmu, "--stains", "Ki67", "--out", str(tmp_path / "glass-out"), *box,
+                 "--ihc-look", str(glass), "--ihc-look-mpp", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "glass.png" in err and "nuclei" in err
+    assert not (tmp_path / "glass-out").exists()
+
+
 def test_existing_output_is_refused_untouched(cmu, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

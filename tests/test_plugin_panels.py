@@ -79,7 +79,7 @@ def translate_panel(viewer, stains=("HER2", "Ki67")):
 
 # -- Translate -----------------------------------------------------------------------------------
 def test_translate_panel_places_layers_over_the_roi_without_freezing(make_napari_viewer, qtbot, slide_path,
-                                                                     local_engine, errors):
+                                                                     local_engine, errors, tmp_path):
     from qtpy.QtCore import QTimer
 
     viewer = make_napari_viewer(show=True)
@@ -148,6 +148,19 @@ def test_translate_panel_places_layers_over_the_roi_without_freezing(make_napari
     assert req.stain_norm == "macenko" and req.strength == 0.5
     assert [w.label for w in (panel.stain_norm, panel.strength)] == [
         "stain normalisation", "image-to-image strength"]
+    # a lab's IHC look: none until a file is given; measured from it, sent as its three numbers
+    from PIL import Image
+    from skimage.data import immunohistochemistry
+
+    assert panel.look() is None and plain.ihc_look is None
+    lab = tmp_path / "lab-ihc.png"
+    Image.fromarray(immunohistochemistry()).save(lab)
+    panel.ihc_look.value, panel.ihc_look_mpp.value = str(lab), 0.5
+    look = panel.look()
+    assert 0.03 < look.nucleus_h < 0.06
+    assert translation_requests(slide, [polygon], ["HER2"], 1, 0, True, ihc_look=look)[0].ihc_look == look.to_dict()
+    panel.render.value = False  # nothing is rendered, so no look is measured
+    assert panel.look() is None
 
 
 def test_translate_panel_cancel_adds_nothing(make_napari_viewer, qtbot, slide_path, local_engine, errors,

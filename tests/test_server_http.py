@@ -297,6 +297,12 @@ BAD_FIELDS = [  # (endpoint, body, field the answer must name)
     ("/translate", '{"slide_path": "steps.png", "stains": ["H&E"], "strength": 1.5}', "strength"),
     ("/translate", '{"slide_path": "steps.png", "stains": ["H&E"], "strength": "0.5"}', "strength"),
     ("/translate", '{"slide_path": "steps.png", "stains": ["H&E"], "stain_norm": 3}', "stain_norm"),
+    ("/translate", '{"slide_path": "steps.png", "stains": ["HER2"], "ihc_look": {"nucleus_h": "x"}}',
+     "ihc_look['nucleus_h']"),
+    ("/translate", '{"slide_path": "steps.png", "stains": ["HER2"], "ihc_look": {"nucleus_h": 0.04}}',
+     "ihc_look"),
+    ("/translate", '{"slide_path": "steps.png", "stains": ["HER2"], "ihc_look": '
+     '{"nucleus_h": 0.04, "background_h": 0.02, "dab_max": -1}}', "dab_max"),
     ("/models/load", None, "wrong-shapes/transformer"),  # a model config with wrong shapes
 ]
 

@@ -70,12 +70,14 @@ class CohortSettings:
     stain_norm: Optional[str] = None  # mupd.stain_norm method, per slide
     strength: Optional[float] = None  # image-to-image for RGB stains
     prompt: Optional[str] = None
+    ihc_look: Optional[dict[str, float]] = None  # mupd.render.IhcLook.to_dict
 
     @classmethod
     def of(cls, pipeline: Any, model: str | Path, stains: Sequence[str], steps: int = 1,
            seed: int = 0, render_brightfield: bool = True,
            ome_tiff: bool = False, stain_norm: Optional[str] = None,
-           strength: Optional[float] = None, prompt: Optional[str] = None) -> "CohortSettings":
+           strength: Optional[float] = None, prompt: Optional[str] = None,
+           ihc_look: Optional[Any] = None) -> "CohortSettings":
         from .pipeline import check_image_to_image
         from .stain_norm import check_method
 
@@ -84,7 +86,8 @@ class CohortSettings:
             strength = check_image_to_image(targets, strength)
         return cls([t.name for t in targets], [t.name for t in targets if t.kind == "marker"],
                    int(steps), int(seed), bool(render_brightfield), bool(ome_tiff),
-                   str(Path(model).resolve()), check_method(stain_norm), strength, prompt)
+                   str(Path(model).resolve()), check_method(stain_norm), strength, prompt,
+                   None if ihc_look is None else ihc_look.to_dict())
 
 
 def is_cohort(inputs: Sequence[str]) -> bool:
@@ -254,12 +257,14 @@ def _stain(pipeline: Any, slide: CohortSlide, final: Path, settings: CohortSetti
            fallback_mpp: Optional[float], progress: ProgressCallback) -> dict[str, Any]:
     from .regions.outputs import write_translation
     from .regions.translate import RegionTranslator
+    from .render import IhcLook
 
     with _open(slide.path, fallback_mpp) as opened:
         result = RegionTranslator(pipeline)(
             opened, settings.stains, steps=settings.steps, seed=settings.seed,
             render_brightfield=settings.render_brightfield, progress=progress,
-            stain_norm=settings.stain_norm, strength=settings.strength, prompt=settings.prompt)
+            stain_norm=settings.stain_norm, strength=settings.strength, prompt=settings.prompt,
+            ihc_look=None if settings.ihc_look is None else IhcLook.from_dict(settings.ihc_look))
         try:
             row: dict[str, Any] = {
                 "slide": str(slide.path), "output": slide.name, "status": "done",

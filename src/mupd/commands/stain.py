@@ -48,6 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stain-norm", choices=("none", *STAIN_NORM_METHODS), default="none",
                    help="map the slide's H&E stain onto the training data's before the model "
                    "reads it (estimated once over the region)")
+    p.add_argument("--ihc-look", metavar="IHC_IMAGE", default=None,
+                   help="an IHC image of your lab: the DAB renderings take its counterstain and DAB "
+                   "strength (measured once; its central 2048 px are read)")
+    p.add_argument("--ihc-look-mpp", type=float, default=None, metavar="MPP",
+                   help="um/px of --ihc-look when its file states none")
     p.add_argument("--strength", type=request_arg(TranslateRequest, "strength", float), default=None,
                    help="image-to-image for RGB stains, e.g. --stains H&E-FFPE --strength 0.5: "
                    "0 keeps the source, 1 ignores it")
@@ -59,7 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cohort import is_cohort
+    from ..render import read_ihc_look
 
+    args.look = None if args.ihc_look is None else read_ihc_look(args.ihc_look, args.ihc_look_mpp)
     if is_cohort(args.slides):
         return run_cohort(args)
     return run_slide(args, args.slides[0])
@@ -95,7 +102,8 @@ def run_slide(args: argparse.Namespace, slide: str) -> int:
                              steps=args.steps, seed=args.seed, slide_mpp=args.mpp,
                              render_brightfield=not args.no_render, output_path=out,
                              ome_tiff=args.ome_tiff, stain_norm=args.stain_norm,
-                             strength=args.strength, prompt=args.prompt),
+                             strength=args.strength, prompt=args.prompt,
+                             ihc_look=None if args.look is None else args.look.to_dict()),
             progress=bar,
         )
         bar.close()
@@ -146,7 +154,7 @@ def run_cohort(args: argparse.Namespace) -> int:
                                  steps=args.steps, seed=args.seed,
                                  render_brightfield=not args.no_render, ome_tiff=args.ome_tiff,
                                  stain_norm=args.stain_norm, strength=args.strength,
-                                 prompt=args.prompt)
+                                 prompt=args.prompt, ihc_look=args.look)
     claim_output(out, settings, write=launch.rank == 0)
     log(f"{len(slides)} slides, {len(shard(slides, launch.rank, launch.world))} for this "
         f"process -> {out}")

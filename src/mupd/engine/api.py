@@ -52,6 +52,8 @@ class TranslateRequest:
     stain_norm: Optional[str] = None  # "macenko" / "reinhard" onto the training stain (mupd.stain_norm)
     strength: Optional[float] = bounded(None, 0.0, 1.0)  # image-to-image for RGB stains (SDEdit)
     prompt: Optional[str] = None  # with strength: the look to take (default: the FFPE caption)
+    #: a lab's IHC the DAB renderings match (mupd.render.IhcLook.to_dict; None: the defaults)
+    ihc_look: Optional[dict[str, float]] = None
 
 
 @dataclass

@@ -127,7 +127,9 @@ class LocalEngine:
         """`translate` on an opened slide, or an in-memory region (regions.source.ArraySlide)."""
         from ..regions.outputs import check_output_folder, write_translation
         from ..regions.translate import RegionTranslator
+        from ..render import IhcLook
 
+        look = None if request.ihc_look is None else IhcLook.from_dict(request.ihc_look, "ihc_look")
         if request.output_path:
             check_output_folder(request.output_path)  # refuse before the work, not after
         with self._lock:
@@ -136,6 +138,7 @@ class LocalEngine:
                 steps=request.steps, guidance=request.guidance, seed=request.seed,
                 render_brightfield=request.render_brightfield, progress=progress, cancel=cancel,
                 stain_norm=request.stain_norm, strength=request.strength, prompt=request.prompt,
+                ihc_look=look,
             )
         output = None
         try:  # large results stay lazy, read back from the written OME-Zarr

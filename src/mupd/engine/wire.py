@@ -307,7 +307,13 @@ def decode_region_upload(body: bytes, max_bytes: Optional[int] = None
 
 
 def translate_request_from_json(data: Any) -> TranslateRequest:
-    return from_json(TranslateRequest, data)
+    """The request, its `ihc_look` checked here too: refused at the door, before the slide."""
+    from ..render import IhcLook
+
+    request = from_json(TranslateRequest, data)
+    if request.ihc_look is not None:
+        IhcLook.from_dict(request.ihc_look, "ihc_look")
+    return request
 
 
 # -- results --------------------------------------------------------------------------------

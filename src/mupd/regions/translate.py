@@ -24,7 +24,7 @@ from ..data.sections import footprint_mask
 from ..errors import RegionError, SlideError
 from ..names import ihc_name
 from ..progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
-from ..render import MarkerMap, render_ihc_cells
+from ..render import IhcLook, MarkerMap, render_ihc_cells
 from ..scores import CellReadout, MarkerScore
 from .blend import Normalised, RegionSums, feather_window, level_window
 from .outputs import RegionTranslation, StainLayer
@@ -46,6 +46,8 @@ class TranslationPlan:
     batches: list[list[tuple[int, int]]]  # tile origins (output pixels), in batch_size groups
     #: fitted once on a preview of the whole region, applied to every tile (mupd.stain_norm)
     stain_norm: Optional[Any] = None
+    #: a lab's IHC the DAB rendering matches (mupd.render.IhcLook; None: the defaults)
+    ihc_look: Optional[IhcLook] = None
 
     @property
     def n_tiles(self) -> int:
@@ -87,6 +89,7 @@ class RegionTranslator:
         stain_reference: Optional[str | Path] = None,
         strength: Optional[float] = None,
         prompt: Optional[str] = None,
+        ihc_look: Optional[IhcLook] = None,
     ) -> RegionTranslation:
         start = time.perf_counter()
         if strength is not None:  # refused before any tile is read
@@ -94,7 +97,7 @@ class RegionTranslator:
 
             check_image_to_image([self.pipeline.catalogue.get(s) for s in stains], strength)
         plan = self.plan(slide, stains, box=box, polygon=polygon, holes=holes, stain_norm=stain_norm,
-                         stain_reference=stain_reference)
+                         stain_reference=stain_reference, ihc_look=ihc_look)
         sums = self.new_sums(plan, render_brightfield, workdir)
         try:
             self.accumulate(slide, plan, plan.batches, sums, steps=steps, guidance=guidance,
@@ -115,11 +118,12 @@ class RegionTranslator:
              polygon: Optional[Sequence[tuple[float, float]]] = None,
              holes: Sequence[Sequence[tuple[float, float]]] = (),
              stain_norm: Optional[str] = None,
-             stain_reference: Optional[str | Path] = None) -> TranslationPlan:
+             stain_reference: Optional[str | Path] = None,
+             ihc_look: Optional[IhcLook] = None) -> TranslationPlan:
         """Targets, tiles and batches of a region (`plan_region`: a box, or a polygon less its
         `holes`). `stain_norm` (macenko / reinhard): the region's stain, estimated once on a
         preview of it, is mapped onto `stain_reference` (default: the training data's) in
-        every tile."""
+        every tile. `ihc_look`: the lab's IHC the marker renderings match."""
         from ..stain_norm import check_method, fit_normalization
 
         stain_norm = check_method(stain_norm)
@@ -142,7 +146,7 @@ class RegionTranslator:
             normalization = fit_normalization(stain_norm, preview, stain_reference,
                                               f"region {region.box} of {slide.path}")
         return TranslationPlan(region, str(slide.path), targets,
-                               list(_batched(region.origins, self.batch_size)), normalization)
+                               list(_batched(region.origins, self.batch_size)), normalization, ihc_look)
 
     def new_sums(self, plan: TranslationPlan, render_brightfield: bool,
                  workdir: Optional[Path] = None) -> RegionSums:
@@ -304,7 +308,7 @@ class RegionTranslator:
                                            y0 + xy[:, 1] * region.factor)
 
         rendered, cells = render_ihc_cells(source if sums.on_disk else source[:, :], maps,
-                                           region.out_mpp, outs, keep=keep)
+                                           region.out_mpp, outs, keep=keep, look=plan.ihc_look)
         cells = cells.placed(region.factor, (x0, y0))
         renderings = {m.name: (m, data) for m, data in zip(maps, rendered)}
         out = []
@@ -322,7 +326,8 @@ class RegionTranslator:
                         f"predicted {m.name} intensity, rendered as DAB on the source "
                         "hematoxylin (Beer-Lambert); not a measured stain"),
                     "rendering": {"compartment": m.compartment, "positivity_threshold": m.threshold,
-                                  "cells": "nuclei and cells segmented in the source H&E (mupd.cells)"}}
+                                  "cells": "nuclei and cells segmented in the source H&E (mupd.cells)",
+                                  "ihc_look": plan.ihc_look.to_dict() if plan.ihc_look else "default"}}
             out.append(StainLayer(ihc_name(m.name), "rgb", data, layer.placement, "gray", meta))
         return out, score_cells(cells, markers), cells
 
