@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SHOTS = ("engine", "translate", "cells", "qupath", "generate", "finetune", "restain")
+SHOTS = ("engine", "translate", "cells", "look", "qupath", "generate", "finetune", "restain")
 #: QuPath-style annotations on B4 (level-0 px): two tumour areas (one with a hole) and stroma.
 B4_ANNOTATIONS = {
     "type": "FeatureCollection",
@@ -99,7 +99,7 @@ def main() -> None:
         shoot(viewer, args.out / "engine.png")
         viewer.window.remove_dock_widget(dock)
 
-    if only & {"translate", "cells", "qupath", "finetune"}:  # the finetune shot uses its layers
+    if only & {"translate", "cells", "look", "qupath", "finetune"}:  # finetune uses its layers
         x, y, w, h = 3600, 4200, 1400, 1100
         rect = np.array([[y, x], [y, x + w], [y + h, x + w], [y + h, x]], float)
         shapes = viewer.add_shapes([rect], shape_type="rectangle", name="ROI", edge_color="yellow",
@@ -125,6 +125,8 @@ def main() -> None:
             viewer.camera.center = (0, (y + h / 2) * 0.69, (x + w / 2) * 0.69)
             viewer.camera.zoom = 5.0
             shoot(viewer, args.out / "ihc-cells.png")
+        if "look" in only:  # the same cells in the look of another lab's IHC (the kidney's)
+            look_shot(viewer, translate, args.data, args.out)
         viewer.window.remove_dock_widget(dock)
         if "qupath" in only:
             qupath_shot(viewer, slide, args.out)
@@ -143,6 +145,24 @@ def main() -> None:
     if "restain" in only:
         restain_shot(viewer, args.data, args.out)
     viewer.close()
+
+
+def look_shot(viewer, translate, data: Path, out: Path) -> None:
+    """The region translated again with the IDR0073 kidney IHC as the lab's look (its pixel size
+    is not stated; 2 um/px assumed), shown at the zoom of ihc-cells.png: the same cells with a
+    darker counterstain and weaker DAB."""
+    from mupd.names import ihc_name
+
+    translate.ihc_look.value = str(data / "ihc" / "idr0073_kidney-48-5_IHC.tif")
+    translate.ihc_look_mpp.value = 2.0
+    translate.stains.value = ["HER2"]
+    before = {layer.name for layer in viewer.layers}
+    wait(translate.run())
+    translate.ihc_look.value, translate.ihc_look_mpp.value = None, 0.0  # the panel keeps settings
+    for layer in viewer.layers:
+        if layer.metadata.get("mupd_result"):
+            layer.visible = layer.name not in before and layer.name.startswith(ihc_name("HER2"))
+    shoot(viewer, out / "ihc-look.png")
 
 
 def generate_shot(viewer, profile: Path, out: Path) -> None:

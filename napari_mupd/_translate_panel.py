@@ -122,7 +122,7 @@ class TranslatePanel(QWidget):
                                     "how far from the source; 0 = off (plain translation)")
         self.render = CheckBox(text="also render markers as brightfield IHC (DAB) and score cells",
                                value=True)
-        self.ihc_look = FileEdit(label="IHC look of", mode="r", value="",
+        self.ihc_look = FileEdit(label="IHC look of", mode="r", nullable=True,
                                  filter="Images (*.png *.jpg *.jpeg *.tif *.tiff *.svs)",
                                  tooltip="optional: an IHC image of your lab; the DAB renderings take "
                                  "its counterstain and DAB strength (empty: the defaults)")
@@ -226,10 +226,9 @@ class TranslatePanel(QWidget):
 
     def look(self) -> Optional[IhcLook]:
         """The lab IHC's look when a file is given and IHC is rendered (measured here: ~1 s)."""
-        path = str(self.ihc_look.value or "").strip()
-        if not self.render.value or path in ("", "."):
+        if not self.render.value or self.ihc_look.value is None:
             return None
-        return read_ihc_look(path, self.ihc_look_mpp.value or None)
+        return read_ihc_look(self.ihc_look.value, self.ihc_look_mpp.value or None)
 
     def _check_size(self, area: float) -> None:
         if area > self.limit.value:
