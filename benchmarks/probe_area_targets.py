@@ -4,7 +4,7 @@ targets the model trains on? Ridge on the handcrafted features as a cheap proxy,
 section out (HER2ST patient C only; patients A and B are never read). Result of 2026-12-07:
 benchmarks/results/area-targets/loso-C.txt (no gain in r, lower partial r given depth).
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_area_targets.py [CACHE_DIR]"""
-import os, sys, json, warnings
+import os, sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 import numpy as np
@@ -13,16 +13,10 @@ from mupd.data.tissue import is_tissue
 from mupd.eval.features import features, FEATURE_NAMES
 from mupd.eval.baselines import RidgeBaseline
 from mupd.eval.metrics import pearson, partial_pearson
+from patient_c import DATA, GENES, MARKERS, SECTIONS, depth_and_counts
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 CACHE = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/area-targets")
 CACHE.mkdir(parents=True, exist_ok=True)
-SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
-assert all(s.startswith("C") for s in SECTIONS)
-stains = json.load(open(ROOT / "src/mupd/resources/stains.json"))["targets"]
-MARKERS = [(t["name"], t["gene"]) for t in stains if t.get("kind") == "marker"]
-GENES = [g for _, g in MARKERS]
 H = FEATURE_NAMES.index("hematoxylin_mean")
 
 def load(sec):
@@ -36,15 +30,7 @@ def load(sec):
     tiles = tiles[keep]
     sub = table[keep]
     feats = features(tiles, 1.0)
-    X = sub.X.tocsr()
-    depth = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
-    idx = {g.upper(): i for i, g in reversed(list(enumerate(sub.var_names)))}
-    counts = np.zeros((sub.n_obs, len(GENES)))
-    for j, g in enumerate(GENES):
-        if g.upper() in idx:
-            counts[:, j] = X[:, idx[g.upper()]].toarray().ravel()
-        else:
-            warnings.warn(f"{sec}: {g} absent -> 0 counts")
+    depth, counts = depth_and_counts(sub, sec)
     d = dict(features=feats, depth=depth, counts=counts, n_all=len(ids),
              spots=np.array(list(sub.obs_names)), section_mpp=table.uns["mupd"]["mpp"])
     np.savez(cache, **d)
