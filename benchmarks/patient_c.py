@@ -18,6 +18,18 @@ MARKERS = [(t["name"], t["gene"]) for t in json.loads((ROOT / "src/mupd/resource
 GENES = [g for _, g in MARKERS]
 
 
+def tissue_spots(section: str, tile: int = 128, mpp: float = 1.0):
+    """(the section's spot table, the sub-table of its tissue spots, their tiles): spots whose
+    `tile` px tile at `mpp` um/px passes the project's tissue test."""
+    from mupd.data.spatial import her2st_spots, spot_tiles
+    from mupd.data.tissue import is_tissue
+
+    table = her2st_spots(DATA, section)
+    tiles = spot_tiles(table, tile, mpp, list(table.obs_names))
+    keep = np.array([is_tissue(t) for t in tiles])
+    return table, table[keep], tiles[keep]
+
+
 def depth_and_counts(table, section: str) -> tuple[np.ndarray, np.ndarray]:
     """(spots,) UMI depth and (spots, genes) raw counts of `GENES` (0, with a warning, where the
     section lacks a gene)."""

@@ -8,12 +8,10 @@ import os, sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 import numpy as np
-from mupd.data.spatial import her2st_spots, spot_tiles
-from mupd.data.tissue import is_tissue
 from mupd.eval.features import features, FEATURE_NAMES
 from mupd.eval.baselines import RidgeBaseline
 from mupd.eval.metrics import pearson, partial_pearson
-from patient_c import DATA, GENES, MARKERS, SECTIONS, depth_and_counts
+from patient_c import GENES, MARKERS, SECTIONS, depth_and_counts, tissue_spots
 
 CACHE = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/area-targets")
 CACHE.mkdir(parents=True, exist_ok=True)
@@ -23,12 +21,8 @@ def load(sec):
     cache = CACHE / f"{sec}.npz"
     if cache.exists():
         return dict(np.load(cache))
-    table = her2st_spots(DATA, sec)
+    table, sub, tiles = tissue_spots(sec)
     ids = list(table.obs_names)
-    tiles = spot_tiles(table, 128, 1.0, ids)
-    keep = np.array([is_tissue(t) for t in tiles])
-    tiles = tiles[keep]
-    sub = table[keep]
     feats = features(tiles, 1.0)
     depth, counts = depth_and_counts(sub, sec)
     d = dict(features=feats, depth=depth, counts=counts, n_all=len(ids),

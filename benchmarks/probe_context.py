@@ -16,12 +16,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 import numpy as np
 from mupd.data.spatial import her2st_spots, spot_tiles
-from mupd.data.tissue import is_tissue
+
 from mupd.data.crops import image_size
 from mupd.eval.features import features, FEATURE_NAMES
 from mupd.eval.baselines import RidgeBaseline
 from mupd.eval.metrics import pearson, partial_pearson
-from patient_c import DATA, GENES, MARKERS, SECTIONS, depth_and_counts
+from patient_c import DATA, GENES, MARKERS, SECTIONS, depth_and_counts, tissue_spots
 
 T0 = time.time()
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
@@ -50,11 +50,8 @@ def base(sec):
     cache = CACHE / f"{sec}_base.npz"
     if cache.exists():
         return dict(np.load(cache))
-    table = her2st_spots(DATA, sec)
+    table, sub, _ = tissue_spots(sec, TILE)
     ids = list(table.obs_names)
-    tiles = spot_tiles(table, TILE, 1.0, ids)
-    keep = np.array([is_tissue(t) for t in tiles])
-    sub = table[keep]
     depth, counts = depth_and_counts(sub, sec)
     info = table.uns["mupd"]
     W, Hh = image_size(Path(info["image_path"]))
