@@ -91,12 +91,14 @@ def test_translate_a_slide_the_server_reads(server, local):
     slide = _region(local)
     Image.fromarray(slide.image).save(server.root / "slides" / "roi.png")
     marker = next(t["name"] for t in local.info().targets if t["kind"] == "marker")
+    look = {"nucleus_h": 0.08, "background_h": 0.06, "dab_max": 0.07}  # a lab's IHC look travels too
     req = TranslateRequest(slide_path="roi.png", stains=[marker], seed=2, slide_mpp=slide.mpp[0],
-                           box=(4, 8, slide.image.shape[1] - 4, slide.image.shape[0] - 8))
+                           box=(4, 8, slide.image.shape[1] - 4, slide.image.shape[0] - 8), ihc_look=look)
     with RemoteEngine(server.url, server.token, timeout=120, upload="never") as engine:
         got = engine.translate(req)
     want = local.translate(TranslateRequest(**{**req.__dict__,
                                                "slide_path": str(server.root / "slides" / "roi.png")}))
+    assert got.layers[1].metadata["rendering"]["ihc_look"] == look
     for g, w in zip(got.layers, want.layers, strict=True):
         assert np.allclose(g.data.astype(float), w.data.astype(float), atol=1.01), g.name
         assert g.placement.translate_um == w.placement.translate_um
