@@ -279,3 +279,12 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         claim_output(out, _settings(pipeline, seed=3), write=True)
     assert (out / SETTINGS).read_text() == recorded
     assert json.loads(recorded)["stains"] == ["Ki67", "H&E"]
+    # a lab's IHC look is a setting too: recorded, and another look refuses the resume
+    from mupd.render import IhcLook
+
+    look = IhcLook(0.08, 0.06, 0.07)
+    other = tmp_path / "out-look"
+    claim_output(other, _settings(pipeline, ihc_look=look), write=True)
+    assert json.loads((other / SETTINGS).read_text())["ihc_look"] == look.to_dict()
+    with pytest.raises(OutputExistsError, match="ihc_look"):
+        claim_output(other, _settings(pipeline, ihc_look=IhcLook(0.04, 0.02, 0.2)), write=True)
