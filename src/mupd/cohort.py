@@ -25,7 +25,7 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from .errors import MuPDError, OutputExistsError, SlideError
 from .io.atomic import atomic_write_text
@@ -33,6 +33,9 @@ from .io.omezarr import is_ome_zarr
 from .io.plain_image import PLAIN_IMAGE_SUFFIXES
 from .io.reader import TIFF_SUFFIXES
 from .progress import ProgressCallback, ProgressEvent, no_progress
+
+if TYPE_CHECKING:  # render pulls in scikit-image; cohort reads it only when staining
+    from .render import IhcLook
 
 #: In OUT: the settings a rerun must repeat, and the table of every slide.
 SETTINGS, TABLE = "cohort.json", "cohort.csv"
@@ -77,7 +80,7 @@ class CohortSettings:
            seed: int = 0, render_brightfield: bool = True,
            ome_tiff: bool = False, stain_norm: Optional[str] = None,
            strength: Optional[float] = None, prompt: Optional[str] = None,
-           ihc_look: Optional[Any] = None) -> "CohortSettings":
+           ihc_look: Optional["IhcLook"] = None) -> "CohortSettings":
         from .pipeline import check_image_to_image
         from .stain_norm import check_method
 

@@ -122,8 +122,12 @@ def measure_ihc_look(rgb: np.ndarray, mpp: float, what: str = "reference IHC") -
     if rgb.ndim != 3 or rgb.shape[2] < 3:
         raise ConditionError(f"{what}: an RGB image is needed, got shape {rgb.shape}")
     hed = rgb2hed(rgb[..., :3]).astype(np.float32)
+    return _look_of(hed, segment_cells_hed(hed, mpp), mpp, what)
+
+
+def _look_of(hed: np.ndarray, seg: CellSegmentation, mpp: float, what: str) -> IhcLook:
+    """`measure_ihc_look` of an image already deconvolved (`hed`) and segmented (`seg`)."""
     tissue = hed.clip(0).sum(axis=2) > LOOK_TISSUE_OD
-    seg = segment_cells_hed(hed, mpp)
     nuclei = (seg.nuclei > 0) & tissue
     if seg.n_cells < LOOK_MIN_NUCLEI or not (tissue & ~nuclei).any():
         raise ConditionError(f"{what}: found {seg.n_cells} nuclei in {int(tissue.sum())} tissue "
@@ -204,9 +208,13 @@ def render_ihc_cells(he: Any, markers: Sequence[MarkerMap], mpp: float,
     outs = list(outs) if outs is not None else [np.empty((H, W, 3), dtype=np.uint8) for _ in markers]
     segment = cells or look is not None or any(m.compartment != "diffuse" for m in markers)
     scales = (counterstain, counterstain)
+    # one window holding the whole image is the central crop the factors are fitted on: fit
+    # them on its segmentation below rather than segment the image twice
+    fit_in_window = H <= min(window, WINDOW_PX) and W <= min(window, WINDOW_PX)
     if look is not None:
         dab_max = look.dab_max
-        scales = counterstain_scales(he, mpp, look) or scales
+        if not fit_in_window:
+            scales = counterstain_scales(he, mpp, look) or scales
     margin = int(math.ceil(MARGIN_UM / mpp)) if H > window or W > window else 0
     parts = []
     for y0 in range(0, H, window):
@@ -216,6 +224,8 @@ def render_ihc_cells(he: Any, markers: Sequence[MarkerMap], mpp: float,
             yb, xb = min(y1 + margin, H), min(x1 + margin, W)
             hed = rgb2hed(np.asarray(he[ya:yb, xa:xb])[..., :3]).astype(np.float32)
             seg = segment_cells_hed(hed, mpp) if segment else None
+            if look is not None and fit_in_window:
+                scales = _matched_scales(hed, seg, mpp, look) or scales
             hema = hed[..., 0] * _scale_map(seg, scales)
             weights: dict[str, np.ndarray] = {}
             levels = {}
@@ -244,8 +254,15 @@ def counterstain_scales(he: Any, mpp: float, look: IhcLook, side: int = WINDOW_P
     H, W = he.shape[:2]
     h, w = min(H, side), min(W, side)
     y, x = (H - h) // 2, (W - w) // 2
+    hed = rgb2hed(np.asarray(he[y:y + h, x:x + w])[..., :3]).astype(np.float32)
+    return _matched_scales(hed, segment_cells_hed(hed, mpp), mpp, look)
+
+
+def _matched_scales(hed: np.ndarray, seg: CellSegmentation, mpp: float, look: IhcLook
+                    ) -> Optional[tuple[float, float]]:
+    """`counterstain_scales` of a source already deconvolved and segmented."""
     try:
-        source = measure_ihc_look(np.asarray(he[y:y + h, x:x + w])[..., :3], mpp, "source H&E")
+        source = _look_of(hed, seg, mpp, "source H&E")
     except ConditionError:
         return None
     return look.nucleus_h / source.nucleus_h, look.background_h / source.background_h
